@@ -1,0 +1,279 @@
+"""Typed configuration: dataclasses, YAML presets shipped in the package, `--set` overrides.
+
+A run is fully described by one `Config`. Presets (`oasis_ldm/presets/*.yaml`) and user
+files only name the keys they change; everything else keeps the dataclass default, so the
+resolved config written into each run directory is the single source of truth for that run.
+Unknown sections or keys are errors: a typo must never silently train the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/oasis.h5"  # the packed HDF5 file (tools/pack_h5.py)
+    split: str = "train"
+    image_size: int = 256  # slices are resized to this on load when it differs
+    in_memory: bool = True  # read the split into RAM once (OASIS train is ~630 MB)
+    augment: str = "flip"  # none | flip | seed (the seed report's resize + random crop)
+    num_workers: int = 2  # DataLoader workers for the on-disk mode
+
+
+@dataclass
+class VAEConfig:
+    """KL autoencoder architecture and its stage's loss terms."""
+
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4)  # downsampling factor f = 2 ** (len - 1)
+    num_res_blocks: int = 2
+    latent_channels: int = 3
+    attention: bool = True  # self-attention at the lowest resolution
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.5
+    kl_weight: float = 1e-6
+    adv_weight: float = 0.0  # 0 disables the PatchGAN term
+    disc_start: int = 5000  # step at which the adversarial term starts
+    disc_channels: int = 64
+    disc_layers: int = 3
+
+
+@dataclass
+class UNetConfig:
+    """The seed's latent U-Net: 3 encoder levels, a 3-block bottleneck, 3 decoder levels."""
+
+    channels: tuple[int, ...] = (64, 128, 256, 256)  # in_layer width, then each level
+    bottleneck: int = 512
+    attention: tuple[bool, ...] = (True, True, True)  # after each encoder/decoder level
+    heads: int = 4
+    time_dim: int = 256
+    groups: int = 8  # GroupNorm groups
+    residual: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear | cosine
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    target: str = "eps"  # eps | v
+    sampler: str = "ddim"  # ddim | ddpm (used for logged samples and by default in sampling)
+    sample_steps: int = 50
+    eta: float = 0.0
+
+
+@dataclass
+class LDMConfig:
+    vae_ckpt: str = ""  # the VAE checkpoint (or vae run directory) the ldm stage encodes with
+    scale_batches: int = 8  # batches of training latents used to estimate 1/std(z)
+    latent_cache: bool = False  # encode the training split once into RUN_DIR/latents.h5
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100_000
+    batch_size: int = 16  # per rank and per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ckpt_every: int = 2000  # write checkpoints/last.pt every N steps
+    snapshot_every: int = 10_000  # numbered snapshots, a multiple of ckpt_every
+    keep_snapshots: int = 3
+    log_every: int = 50
+    image_every: int = 2000
+    num_log_images: int = 16
+    seed: int = 0
+    precision: str = "bf16"  # fp32 | bf16 (bf16 autocast on CUDA only; CPU runs fp32)
+    compile: bool = False  # torch.compile on CUDA
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(kind) if a is not Ellipsis}
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item, where) for v in value)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    try:
+        if kind is int and not isinstance(value, bool):
+            number = float(value)  # accepts "2e4" from the command line
+            if number.is_integer():
+                return int(number)
+        elif kind is float and not isinstance(value, bool):
+            return float(value)
+        elif kind is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def apply_dict(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """Overlay a nested {section: {key: value}} mapping onto `cfg` (new object)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+    out = {}
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for name, body in values.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(sorted(sections))})")
+        section = getattr(cfg, name)
+        types_ = _section_types(section)
+        body = body or {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping")
+        changes = {}
+        for key, value in body.items():
+            if key not in types_:
+                raise ConfigError(f"{source}: unknown key {name}.{key} (known: {', '.join(sorted(types_))})")
+            changes[key] = _coerce(value, types_[key], f"{source}: {name}.{key}")
+        out[name] = dataclasses.replace(section, **changes)
+    return dataclasses.replace(cfg, **out)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    """`["train.lr=3e-4", ...]` -> {"train": {"lr": "3e-4"}} (values are coerced later)."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        out.setdefault(section, {})[name] = value.strip()
+    return out
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name (`demo`, `oasis256`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--config {name_or_path}: no such file")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"--config {name_or_path}: not a file and not a preset ({', '.join(presets())})")
+    return preset
+
+
+def load_config(name_or_path: str = "oasis256", overrides: list[str] | None = None) -> Config:
+    """Defaults <- preset or YAML file <- `--set section.key=value` overrides."""
+    path = resolve_config_path(name_or_path)
+    cfg = apply_dict(Config(), load_yaml(path), str(path))
+    cfg = apply_dict(cfg, parse_overrides(overrides or []), "--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a typed field alone cannot express."""
+    choices = {
+        "data.augment": (cfg.data.augment, ("none", "flip", "seed")),
+        "diffusion.schedule": (cfg.diffusion.schedule, ("linear", "cosine")),
+        "diffusion.target": (cfg.diffusion.target, ("eps", "v")),
+        "diffusion.sampler": (cfg.diffusion.sampler, ("ddim", "ddpm")),
+        "train.precision": (cfg.train.precision, ("fp32", "bf16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    f = 2 ** (len(cfg.vae.channel_mult) - 1)
+    latent = cfg.data.image_size // f
+    levels = len(cfg.unet.channels) - 1
+    if cfg.data.image_size % f or latent % (2**levels):
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size}: the latent ({latent}) must be divisible by "
+            f"2**{levels} for the U-Net and the image by the VAE factor {f}"
+        )
+    if len(cfg.unet.attention) != levels:
+        raise ConfigError(f"unet.attention needs {levels} entries, one per level")
+    positive = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.ckpt_every": cfg.train.ckpt_every,
+        "train.log_every": cfg.train.log_every,
+        "diffusion.timesteps": cfg.diffusion.timesteps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: {kk: plain(vv) for kk, vv in v.items()} for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Inverse of `to_dict` (used when a checkpoint carries its config)."""
+    cfg = apply_dict(Config(), values, "checkpoint config")
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
