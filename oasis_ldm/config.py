@@ -246,6 +246,11 @@ def validate(cfg: Config) -> None:
         )
     if len(cfg.unet.attention) != levels:
         raise ConfigError(f"unet.attention needs {levels} entries, one per level")
+    c = cfg.unet.channels
+    for i, on in enumerate(cfg.unet.attention):
+        for width in (c[i + 1], c[max(i - 1, 0)]):  # encoder level i and the decoder level mirroring it
+            if on and width % cfg.unet.heads:
+                raise ConfigError(f"unet.heads={cfg.unet.heads} must divide {width} (attention level {i})")
     positive = {
         "train.max_steps": cfg.train.max_steps,
         "train.batch_size": cfg.train.batch_size,

@@ -1,0 +1,224 @@
+"""Identities of oasis_ldm.diffusion: schedules, q(x_t|x_0), targets, loss and both samplers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from oasis_ldm.config import DiffusionConfig, UNetConfig
+from oasis_ldm.diffusion import (
+    GaussianDiffusion,
+    cosine_betas,
+    linear_betas,
+    per_image_randn,
+    seeded_generators,
+)
+from oasis_ldm.models import UNet
+
+TINY_UNET = UNetConfig(channels=(8, 16, 16, 16), bottleneck=32, groups=4, heads=2, time_dim=16)
+
+
+def reference_abar(timesteps: int = 1000, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
+    """alpha_bar of DDPM's linear schedule, straight from the definition (float64)."""
+    betas = torch.tensor([start + (end - start) * i / (timesteps - 1) for i in range(timesteps)])
+    return torch.cumprod(1 - betas.double(), dim=0)
+
+
+def short_diffusion(target: str = "eps", timesteps: int = 20) -> GaussianDiffusion:
+    """Few steps with larger betas, so that samplers run in milliseconds and still end near N(0,1)."""
+    return GaussianDiffusion(linear_betas(timesteps, 1e-3, 0.2), target=target)
+
+
+def tiny_unet() -> UNet:
+    torch.manual_seed(0)
+    return UNet(TINY_UNET, in_channels=2).eval()
+
+
+def oracle(x0: torch.Tensor, abar: torch.Tensor, target: str):
+    """A model that knows the single clean image x0 and returns the exact eps or v."""
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = abar[t].float().reshape(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if target == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    return model
+
+
+def test_linear_schedule_matches_its_definition():
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig())
+    abar = diffusion.alphas_cumprod
+    assert abar.dtype == torch.float32 and abar.shape == (1000,)
+    torch.testing.assert_close(abar.double(), reference_abar(), rtol=1e-6, atol=1e-7)
+    assert bool((abar[1:] < abar[:-1]).all()) and 0 < abar[-1] < abar[0] < 1
+
+
+def test_cosine_schedule_endpoints():
+    t_count, s = 1000, 0.008
+    betas = cosine_betas(t_count)
+
+    def f(t: float) -> float:
+        return math.cos((t / t_count + s) / (1 + s) * math.pi / 2) ** 2
+
+    assert betas.dtype == torch.float64
+    assert betas[0].item() == pytest.approx(1 - f(1) / f(0), rel=1e-9)
+    assert betas[-1].item() == pytest.approx(0.999)  # cos^2 reaches 0 at t = T: clipped
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(schedule="cosine"))
+    abar = diffusion.alphas_cumprod.double()
+    assert abar[500].item() == pytest.approx(f(501) / f(0), rel=1e-5)
+    assert bool((abar[1:] < abar[:-1]).all()) and abar[-1] < 1e-4 and abar[0] > 0.9999
+
+
+def test_q_sample_moments_by_monte_carlo():
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig())
+    x0 = torch.tensor([1.0, -0.5, 2.0])
+    n, t = 200_000, 300
+    noise = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+    xt = diffusion.q_sample(x0.expand(n, 3), torch.full((n,), t), noise)
+    a = reference_abar()[t].item()
+    five_sigma = 5 * math.sqrt((1 - a) / n)
+    torch.testing.assert_close(xt.mean(0), math.sqrt(a) * x0, rtol=0, atol=five_sigma)
+    torch.testing.assert_close(xt.var(0), torch.full((3,), 1 - a), rtol=0.02, atol=0)
+
+
+def test_parameterisations_round_trip():
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig())
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(6, 2, 4, 4, generator=g), torch.randn(6, 2, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 250, 500, 900, 999])
+    xt = diffusion.q_sample(x0, t, eps)
+    v = diffusion.v_from_eps_x0(eps, x0, t)
+    a = reference_abar()[t].float().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(v, a.sqrt() * eps - (1 - a).sqrt() * x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(diffusion.predict_x0_from_v(xt, t, v), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(diffusion.predict_eps_from_v(xt, t, v), eps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(diffusion.predict_x0_eps(xt, t, eps), x0, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("target", ["eps", "v"])
+def test_training_loss_draws_t_and_noise_and_uses_the_target(target: str):
+    diffusion = GaussianDiffusion(linear_betas(10, 1e-3, 0.2), target=target)
+    x0 = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    seen = {}
+
+    def zero_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen["xt"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    loss, aux = diffusion.training_loss(zero_model, x0, torch.Generator().manual_seed(3))
+    a = diffusion.alphas_cumprod[seen["t"]].reshape(-1, 1, 1, 1)
+    eps = (seen["xt"] - a.sqrt() * x0) / (1 - a).sqrt()
+    expected_target = eps if target == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert loss.item() == pytest.approx(expected_target.pow(2).mean().item(), rel=1e-4)
+    assert torch.equal(aux["t"], seen["t"]) and aux["mse_per_sample"].shape == (4000,)
+    counts = torch.bincount(seen["t"], minlength=10).float() / 4000
+    assert counts.min() > 0.07 and counts.max() < 0.13  # t ~ U{0..9}
+    assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05
+    again, _ = diffusion.training_loss(zero_model, x0, torch.Generator().manual_seed(3))
+    assert again.item() == loss.item()  # a re-seeded generator repeats the draw exactly
+    given, aux = diffusion.training_loss(zero_model, x0, t=seen["t"].clone(), noise=eps)
+    assert torch.equal(aux["t"], seen["t"]) and given.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("target", ["eps", "v"])
+def test_ddim_with_an_oracle_recovers_x0(target: str):
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(target=target))
+    x0 = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    model = oracle(x0, reference_abar(), target)
+    x_t = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(5))
+    for steps in (1, 7, 50):
+        torch.testing.assert_close(diffusion.ddim_sample(model, x_t, steps), x0, rtol=1e-4, atol=1e-4)
+    clipped = diffusion.ddim_sample(oracle(3 * x0, reference_abar(), target), x_t, 10, clip_x0=1.0)
+    torch.testing.assert_close(clipped, (3 * x0).clamp(-1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_timesteps_are_even_and_include_both_ends():
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig())
+    assert diffusion.ddim_timesteps(1000) == list(range(1000))
+    ts = diffusion.ddim_timesteps(50)
+    assert len(ts) == 50 and ts[0] == 0 and ts[-1] == 999
+    gaps = [b - a for a, b in itertools.pairwise(ts)]
+    assert min(gaps) >= 20 and max(gaps) <= 21
+    with pytest.raises(ValueError):
+        diffusion.ddim_timesteps(1001)
+
+
+def test_ddim_eta0_is_deterministic_given_x_t():
+    diffusion, unet = short_diffusion(), tiny_unet()
+    x_t = per_image_randn((2, 16, 16), seeded_generators([0, 1]), "cpu")
+    out1 = diffusion.ddim_sample(unet, x_t, 8, eta=0.0, generators=seeded_generators([7, 8]))
+    out2 = diffusion.ddim_sample(unet, x_t, 8, eta=0.0, generators=seeded_generators([9, 10]))
+    out3 = diffusion.ddim_sample(unet, x_t, 8, eta=0.0)
+    assert torch.equal(out1, out2) and torch.equal(out1, out3)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_each_image_depends_only_on_its_own_seed(sampler: str, dtype: torch.dtype):
+    diffusion, unet = short_diffusion(), tiny_unet().to(dtype)
+
+    def run(seeds: list[int]) -> torch.Tensor:
+        gens = seeded_generators(seeds)
+        x_t = per_image_randn((2, 16, 16), gens, "cpu", dtype)
+        if sampler == "ddpm":
+            return diffusion.ddpm_sample(unet, x_t, gens)
+        return diffusion.ddim_sample(unet, x_t, 10, eta=0.7, generators=gens)
+
+    pair, alone = run([11, 12]), run([12])
+    assert pair.dtype == dtype
+    # float32 convolutions sum in a batch-size dependent order (~1e-6 per step on CPU and cuDNN);
+    # in float64 that rounding vanishes and only the seeding could make the images differ.
+    atol = 1e-6 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(pair[1:], alone, rtol=0, atol=atol)
+    assert (pair[0] - pair[1]).abs().max() > 1e-2
+
+
+def test_ddim_full_steps_eta1_is_ddpm():
+    diffusion, unet = short_diffusion(), tiny_unet()
+    abar = reference_abar(20, 1e-3, 0.2)
+    betas = 1 - abar[1:] / abar[:-1]
+    beta_tilde = betas * (1 - abar[:-1]) / (1 - abar[1:])  # for t = 1..T-1
+    sigmas2 = torch.tensor([diffusion.ddim_sigma(t, t - 1, 1.0) ** 2 for t in range(1, 20)]).double()
+    torch.testing.assert_close(sigmas2, beta_tilde, rtol=1e-5, atol=1e-9)
+    gens_a, gens_b = seeded_generators([3, 4]), seeded_generators([3, 4])
+    x_t = per_image_randn((2, 16, 16), seeded_generators([5, 6]), "cpu")
+    ddpm = diffusion.ddpm_sample(unet, x_t, gens_a)
+    ddim = diffusion.ddim_sample(unet, x_t, 20, eta=1.0, generators=gens_b)
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-4)
+
+
+def test_training_loss_decreases_on_a_fixed_batch():
+    diffusion, unet = short_diffusion(), tiny_unet().train()
+    x0 = torch.randn(4, 2, 16, 16, generator=torch.Generator().manual_seed(6))
+    opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
+
+    def loss_at(seed: int) -> torch.Tensor:
+        return diffusion.training_loss(unet, x0, torch.Generator().manual_seed(seed))[0]
+
+    with torch.no_grad():
+        before = loss_at(0).item()
+    for step in range(15):
+        opt.zero_grad()
+        loss_at(step % 5).backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss_at(0).item()
+    assert after < 0.75 * before
+
+
+def test_sample_dispatches_on_the_configured_sampler():
+    cfg = DiffusionConfig(timesteps=20, beta_end=0.2, sampler="ddpm", sample_steps=50)
+    diffusion, unet = GaussianDiffusion.from_config(cfg), tiny_unet()
+    x_t = per_image_randn((2, 16, 16), seeded_generators([1]), "cpu")
+    torch.testing.assert_close(
+        diffusion.sample(unet, x_t, seeded_generators([2])),
+        diffusion.ddpm_sample(unet, x_t, seeded_generators([2])),
+    )
+    diffusion.sampler = "ddim"
+    # sample_steps (50) above T (20) is capped at T
+    torch.testing.assert_close(diffusion.sample(unet, x_t), diffusion.ddim_sample(unet, x_t, 20))
+    with pytest.raises(ValueError):
+        diffusion.ddpm_sample(unet, x_t, seeded_generators([1, 2]))
