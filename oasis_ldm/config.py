@@ -3,6 +3,8 @@
 A run is fully described by one `Config`. Presets (`oasis_ldm/presets/*.yaml`) and user
 files only name the keys they change; everything else keeps the dataclass default, so the
 resolved config written into each run directory is the single source of truth for that run.
+A file may add a `stages:` mapping ({vae: {section: {key: value}}, ldm: ...}) for values that
+differ between the two stages of one model, such as the learning rate and the step count.
 Unknown sections or keys are errors: a typo must never silently train the wrong model.
 """
 
@@ -214,10 +216,20 @@ def resolve_config_path(name_or_path: str) -> Path:
     return preset
 
 
-def load_config(name_or_path: str = "oasis256", overrides: list[str] | None = None) -> Config:
-    """Defaults <- preset or YAML file <- `--set section.key=value` overrides."""
+STAGES = ("vae", "ldm")
+
+
+def load_config(name_or_path: str = "oasis256", overrides: list[str] | None = None, stage: str | None = None) -> Config:
+    """Defaults <- preset or YAML file <- its `stages.<stage>` values <- `--set section.key=value`."""
     path = resolve_config_path(name_or_path)
-    cfg = apply_dict(Config(), load_yaml(path), str(path))
+    values = load_yaml(path)
+    per_stage = values.pop("stages", None) or {}
+    unknown = set(per_stage) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"{path}: unknown stage(s) {', '.join(sorted(unknown))} under stages (known: vae, ldm)")
+    cfg = apply_dict(Config(), values, str(path))
+    if stage is not None:
+        cfg = apply_dict(cfg, per_stage.get(stage) or {}, f"{path}: stages.{stage}")
     cfg = apply_dict(cfg, parse_overrides(overrides or []), "--set")
     validate(cfg)
     return cfg
@@ -236,6 +248,8 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    if cfg.ldm.latent_cache and cfg.data.augment == "seed":
+        raise ConfigError("ldm.latent_cache=true supports data.augment none or flip (crops need the pixels)")
     f = 2 ** (len(cfg.vae.channel_mult) - 1)
     latent = cfg.data.image_size // f
     levels = len(cfg.unet.channels) - 1

@@ -84,3 +84,78 @@ def run_tool(script: str, *args: str | os.PathLike, timeout: float = 120) -> sub
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(REPO / "tools" / script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+# --- training fixtures -----------------------------------------------------------------------
+
+TINY = str(REPO / "tests" / "tiny.yaml")
+
+
+def blob_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Smooth bright ellipses on black: learnable in a few steps, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    out = np.empty((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        cy, cx = rng.uniform(-0.15, 0.15, 2)
+        ry, rx = rng.uniform(0.15, 0.35, 2)
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        out[i] = np.clip(255 * np.exp(-2 * inside) * rng.uniform(0.6, 1.0), 0, 255).astype(np.uint8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_h5(tmp_path_factory) -> Path:
+    """A packed file of 16 train / 8 validate / 4 test smooth 32x32 slices."""
+    from oasis_ldm.data.pack import PackOptions, pack
+
+    root = tmp_path_factory.mktemp("tiny")
+    counts = {"train": 16, "validate": 8, "test": 4}
+    for s, (split, n) in enumerate(counts.items()):
+        folder = root / "src" / f"keras_png_slices_{split}"
+        folder.mkdir(parents=True)
+        for i, image in enumerate(blob_images(n, 32, seed=s)):
+            Image.fromarray(image).save(folder / f"case_{100 * s + i // 4:03d}_slice_{i % 4}.nii.png")
+    pack(root / "src", root / "tiny.h5", PackOptions(workers=0, progress=False))
+    return root / "tiny.h5"
+
+
+def train_cmd(stage: str, run_dir: Path, data: Path, *overrides: str) -> list[str]:
+    sets = [f"--set={o}" for o in [f"data.path={data}", *overrides]]
+    return [
+        sys.executable,
+        "-m",
+        "oasis_ldm.train",
+        "--stage",
+        stage,
+        "--config",
+        TINY,
+        "--run-dir",
+        str(run_dir),
+        *sets,
+    ]
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    """One thread per process (tests run several at once on 2 cores), loopback-only gloo."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def train(stage: str, run_dir: Path, data: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the training entry point to completion in a subprocess; fail loudly on error."""
+    cmd = train_cmd(stage, run_dir, data, *overrides)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=quiet_env(), cwd=REPO, timeout=timeout)
+    assert out.returncode == 0, f"training failed:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory, tiny_h5) -> Path:
+    """A finished tiny vae run, for the ldm stage to encode with."""
+    run_dir = tmp_path_factory.mktemp("vae") / "run"
+    train("vae", run_dir, tiny_h5)
+    return run_dir

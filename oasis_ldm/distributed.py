@@ -1,0 +1,115 @@
+"""Process-group set-up from the environment, and the few collectives the project needs.
+
+One entry point for every way a job is started: torchrun and the submitit launchers export
+RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain `srun python -m oasis_ldm.train` provides
+SLURM_PROCID/SLURM_NTASKS instead; anything else is a single process with no process group.
+NCCL serves CUDA devices and gloo the CPU. Work is split by global rank, never by local rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _first_slurm_host() -> str:
+    """The job's first node name: the rendezvous host for a plain `srun` launch."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    cmd = ["scontrol", "show", "hostnames", nodelist]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def _export_from_slurm() -> None:
+    """Translate `srun`'s task variables into torch's env:// variables."""
+    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+    os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _first_slurm_host()
+    # A port derived from the job id lets every task agree on it without talking first.
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    # submitit exports CUDA_VISIBLE_DEVICES per task, leaving one visible device.
+    index = local_rank if torch.cuda.device_count() > local_rank else 0
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistEnv:
+    """Join the job's process group (or run alone) and pick this rank's device."""
+    launched_by_srun = "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and launched_by_srun:
+        _export_from_slurm()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_min),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks: any rank raising a flag raises it everywhere."""
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def broadcast(value: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.broadcast(value, src=src)
+    return value

@@ -1,0 +1,88 @@
+"""Optional latent cache for the ldm stage: encode the training split once, train from RAM.
+
+Encoding every batch with the frozen VAE costs a forward pass of the autoencoder per step;
+the cache pays it once. It stores the posterior's mean and standard deviation (float16),
+not a sample, so each epoch still draws fresh posterior samples as on-the-fly encoding does.
+Ranks encode interleaved rows (r, r + W, ...) into part files and rank 0 merges them, so
+building it is symmetric work that scales with the ranks. It lives in RUN_DIR and
+is rebuilt (identically) if deleted; geometric augmentation in latent space is limited to
+horizontal flips.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from oasis_ldm.data.dataset import OasisH5Dataset
+from oasis_ldm.distributed import DistEnv, barrier
+from oasis_ldm.models import AutoencoderKL
+
+ENCODE_BATCH = 32
+
+
+@torch.no_grad()
+def _encode_part(path: Path, images: OasisH5Dataset, vae: AutoencoderKL, env: DistEnv) -> None:
+    rows = list(range(env.rank, len(images), env.world_size))
+    with h5py.File(path, "w") as f:
+        mean_ds = std_ds = None
+        for i in tqdm(range(0, len(rows), ENCODE_BATCH), desc="latent cache", disable=not env.is_main):
+            x = images.read_raw(rows[i : i + ENCODE_BATCH]).to(env.device).float() / 127.5 - 1.0
+            posterior = vae.encode(x)
+            mean, std = (t.half().cpu().numpy() for t in (posterior.mean, posterior.std))
+            if mean_ds is None:
+                shape = (len(rows), *mean.shape[1:])
+                mean_ds = f.create_dataset("mean", shape, dtype=np.float16)
+                std_ds = f.create_dataset("std", shape, dtype=np.float16)
+            mean_ds[i : i + len(mean)] = mean
+            std_ds[i : i + len(std)] = std
+
+
+def _merge(parts: list[Path], out: Path, n: int) -> None:
+    """Interleave the parts back into row order: part r holds rows r, r + W, r + 2W, ..."""
+    tmp = out.with_name(out.name + ".partial")
+    world = len(parts)
+    with h5py.File(tmp, "w") as dst:
+        for rank, part in enumerate(parts):
+            with h5py.File(part, "r") as src:
+                for key in ("mean", "std"):
+                    if key not in dst:
+                        dst.create_dataset(key, (n, *src[key].shape[1:]), dtype=np.float16)
+                    dst[key][rank::world] = src[key][:]
+    os.replace(tmp, out)
+
+
+def build_latent_cache(out: Path, images: OasisH5Dataset, vae: AutoencoderKL, env: DistEnv) -> Path:
+    """Every rank calls this together; returns the cache path once it is complete."""
+    if not out.exists():
+        part = out.with_name(f"{out.stem}.part{env.rank}.h5")
+        _encode_part(part, images, vae, env)
+        barrier()
+        if env.is_main:
+            parts = [out.with_name(f"{out.stem}.part{r}.h5") for r in range(env.world_size)]
+            _merge(parts, out, len(images))
+            for p in parts:
+                p.unlink()
+    barrier()
+    return out
+
+
+class LatentDataset(Dataset):
+    """(mean, std) float16 pairs of the cached posteriors, read into RAM once."""
+
+    def __init__(self, path: Path) -> None:
+        with h5py.File(path, "r", locking=False) as f:
+            self.mean = torch.from_numpy(f["mean"][:])
+            self.std = torch.from_numpy(f["std"][:])
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean[index], self.std[index]

@@ -1,0 +1,149 @@
+"""Stage `ldm`: the seed's U-Net learns to denoise latents of the frozen autoencoder.
+
+The latents are scaled by `1 / std(z)` so the diffusion sees unit variance whatever the
+autoencoder's KL weight made of them. The factor is measured once, on rank 0, over a fixed
+sample of training latents, broadcast, and kept in every checkpoint together with the VAE's
+path, checksum, config and weights, so sampling needs nothing but the ldm checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oasis_ldm import checkpoint
+from oasis_ldm.config import Config, to_dict
+from oasis_ldm.data.dataset import OasisH5Dataset
+from oasis_ldm.diffusion import GaussianDiffusion
+from oasis_ldm.distributed import DistEnv, barrier, broadcast
+from oasis_ldm.models import UNet
+from oasis_ldm.sampling.pipeline import Pipeline, image_seed, load_frozen_vae
+from oasis_ldm.seeding import make_generator
+from oasis_ldm.train.augment import flip_latents, prepare_images
+from oasis_ldm.train.context import StepContext
+from oasis_ldm.train.latent_cache import LatentDataset, build_latent_cache
+
+POSTERIOR_NOISE, TIMESTEPS, DIFFUSION_NOISE = 1, 2, 3
+LOG_SEED = 1234  # fixed noise for the logged samples, so grids are comparable across steps
+
+
+class LDMStage:
+    name = "ldm"
+    main = "unet"
+
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path) -> None:
+        if not cfg.ldm.vae_ckpt:
+            raise checkpoint.CheckpointError("ldm.vae_ckpt is not set: pass --set ldm.vae_ckpt=<vae run dir or .pt>")
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.vae_path = checkpoint.resolve(cfg.ldm.vae_ckpt).resolve()
+        self.vae_sha256 = checkpoint.file_sha256(self.vae_path)
+        self.vae, self.vae_cfg = load_frozen_vae(self.vae_path, env.device)
+        f = self.vae.factor
+        self.latent_size = cfg.data.image_size // f
+        if cfg.data.image_size % f or self.latent_size % 8:
+            raise ValueError(f"data.image_size={cfg.data.image_size}: the latent (/{f}) must be divisible by 8")
+        unet = UNet(cfg.unet, in_channels=self.vae.latent_channels).to(env.device)
+        self.models: dict[str, nn.Module] = {"unet": unet}
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(env.device)
+        d = cfg.data
+        self.images = OasisH5Dataset(d.path, d.split, in_memory=d.in_memory, image_size=d.image_size, raw=True)
+        self.scale_factor: float | None = None
+        self._dataset: torch.utils.data.Dataset | None = None
+
+    def lr(self, model: str) -> float:
+        return self.cfg.train.lr
+
+    @property
+    def dataset(self) -> torch.utils.data.Dataset:
+        """Images, or the latent cache (built on first use; every rank gets here together)."""
+        if self._dataset is None:
+            if self.cfg.ldm.latent_cache:
+                path = build_latent_cache(self.run_dir / "latents.h5", self.images, self.vae, self.env)
+                self._dataset = LatentDataset(path)
+            else:
+                self._dataset = self.images
+        return self._dataset
+
+    def initialise(self) -> None:
+        """Measure the latent scale factor on rank 0 and share it."""
+        value = torch.zeros(1, dtype=torch.float64, device=self.env.device)
+        if self.env.is_main:
+            value[0] = self.measure_scale_factor()
+        self.scale_factor = float(broadcast(value)[0])
+        if self.env.is_main:
+            print(f"[oasis-ldm] latent scale factor 1/std(z) = {self.scale_factor:.5f}", flush=True)
+        barrier()
+
+    @torch.no_grad()
+    def measure_scale_factor(self) -> float:
+        """1 / std of posterior samples over `ldm.scale_batches` batches of a fixed sample."""
+        n = min(len(self.images), self.cfg.ldm.scale_batches * self.cfg.train.batch_size)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed)
+        rows = torch.randperm(len(self.images), generator=gen)[:n].sort().values.tolist()
+        dev_gen = make_generator(self.env.device, self.cfg.train.seed, 0x5CA1E)
+        latents = []
+        for i in range(0, n, self.cfg.train.batch_size):
+            x = self.images.read_raw(rows[i : i + self.cfg.train.batch_size]).to(self.env.device)
+            posterior = self.vae.encode(x.float() / 127.5 - 1.0)
+            noise = torch.randn(posterior.mean.shape, generator=dev_gen, device=self.env.device)
+            latents.append((posterior.mean + posterior.std * noise).double().flatten())
+        return 1.0 / torch.cat(latents).std().item()
+
+    def latents(self, batch: Any, ctx: StepContext) -> torch.Tensor:
+        """Scaled posterior samples z * scale for this micro-batch."""
+        if self.cfg.ldm.latent_cache:
+            mean, std = (t.to(self.env.device, non_blocking=True).float() for t in batch)
+            z = mean + std * ctx.randn(tuple(mean.shape), POSTERIOR_NOISE)
+            z = flip_latents(z, self.cfg.data.augment, ctx)
+        else:
+            x = prepare_images(batch, self.cfg.data.augment, ctx)
+            with torch.no_grad(), ctx.autocast():
+                posterior = self.vae.encode(x)
+            mean, std = posterior.mean.float(), posterior.std.float()
+            z = mean + std * ctx.randn(tuple(mean.shape), POSTERIOR_NOISE)
+        return z * self.scale_factor
+
+    def backward(self, wrapped: dict[str, nn.Module], batch: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
+        z = self.latents(batch, ctx)
+        t = ctx.randint(self.diffusion.num_timesteps, z.shape[0], TIMESTEPS)
+        noise = ctx.randn(tuple(z.shape), DIFFUSION_NOISE)
+        with ctx.autocast():
+            loss, _ = self.diffusion.training_loss(wrapped["unet"], z, t=t, noise=noise)
+        (loss * ctx.loss_scale).backward()
+        return {"mse": loss.detach()}
+
+    @torch.no_grad()
+    def log_images(self, ema_model: nn.Module, logger: Any, step: int) -> None:
+        """EMA samples from fixed noise (rank 0 only; a few seconds on a GPU)."""
+        if not logger.enabled:
+            return
+        pipe = self.pipeline(ema_model)
+        seeds = [image_seed(LOG_SEED, i) for i in range(self.cfg.train.num_log_images)]
+        d = self.cfg.diffusion
+        images = pipe.generate(seeds, d.sampler, d.sample_steps, d.eta)
+        logger.images(step, "images/ema_samples", images)
+
+    def pipeline(self, unet: nn.Module) -> Pipeline:
+        c = self.vae.latent_channels
+        shape = (c, self.latent_size, self.latent_size)
+        return Pipeline(unet, self.vae, self.diffusion, float(self.scale_factor), shape)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "scale_factor": self.scale_factor,
+            "vae_path": str(self.vae_path),
+            "vae_sha256": self.vae_sha256,
+            "vae_config": to_dict(self.vae_cfg),
+            "vae_weights": self.vae.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state["vae_sha256"] != self.vae_sha256:
+            raise checkpoint.CheckpointError(
+                f"{self.vae_path} changed since this run started (checksum differs from the checkpoint's); "
+                "an ldm run must keep the autoencoder it was trained with"
+            )
+        self.scale_factor = float(state["scale_factor"])

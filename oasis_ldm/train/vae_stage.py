@@ -1,0 +1,117 @@
+"""Stage `vae`: the KL autoencoder with L1 + SSIM + KL and an optional PatchGAN term.
+
+No pretrained perceptual network can be downloaded, so SSIM stands in for LPIPS: it rewards
+local structure (edges between grey and white matter) that L1 alone blurs away. The
+adversarial term (hinge loss, fixed weight) switches on after `vae.disc_start` steps, once
+the reconstructions are good enough for the discriminator's gradients to be useful.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from oasis_ldm.config import Config
+from oasis_ldm.data.dataset import OasisH5Dataset
+from oasis_ldm.data.transforms import to_uint8
+from oasis_ldm.distributed import DistEnv
+from oasis_ldm.models import build_discriminator, build_vae, generator_adv_loss, hinge_d_loss
+from oasis_ldm.train.augment import prepare_images
+from oasis_ldm.train.context import StepContext
+from oasis_ldm.train.losses import ssim_loss
+
+POSTERIOR_NOISE = 1  # `purpose` ids keep the step's random streams apart
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Let gradients flow through `module` to its input without touching its parameters."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+class VAEStage:
+    name = "vae"
+    main = "vae"
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.models: dict[str, nn.Module] = {"vae": build_vae(cfg).to(env.device)}
+        if cfg.vae.adv_weight > 0:
+            self.models["disc"] = build_discriminator(cfg).to(env.device)
+        d = cfg.data
+        self.dataset = OasisH5Dataset(d.path, d.split, in_memory=d.in_memory, image_size=d.image_size, raw=True)
+        self.log_batch = log_images_batch(cfg, self.dataset)
+
+    def lr(self, model: str) -> float:
+        return self.cfg.train.disc_lr if model == "disc" else self.cfg.train.lr
+
+    def initialise(self) -> None:
+        pass
+
+    def backward(self, wrapped: dict[str, nn.Module], batch: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
+        v = self.cfg.vae
+        x = prepare_images(batch, self.cfg.data.augment, ctx)
+        f, c = self.models["vae"].factor, v.latent_channels
+        noise = ctx.randn((x.shape[0], c, x.shape[2] // f, x.shape[3] // f), POSTERIOR_NOISE)
+        adversarial = "disc" in self.models and ctx.step > v.disc_start
+        with ctx.autocast():
+            recon, posterior = wrapped["vae"](x, noise=noise)
+            terms = {
+                "l1": (recon.float() - x).abs().mean(),
+                "ssim": ssim_loss(recon, x),
+                "kl": posterior.kl().float().mean(),
+            }
+            loss = v.l1_weight * terms["l1"] + v.ssim_weight * terms["ssim"] + v.kl_weight * terms["kl"]
+            if adversarial:
+                with frozen(self.models["disc"]):
+                    terms["g_adv"] = generator_adv_loss(self.models["disc"](recon).float())
+                loss = loss + v.adv_weight * terms["g_adv"]
+        (loss * ctx.loss_scale).backward()
+        if adversarial:
+            with ctx.autocast():
+                # One forward over real and fake together: DDP allows one forward per backward.
+                real_logits, fake_logits = wrapped["disc"](torch.cat([x, recon.detach()])).float().chunk(2)
+                terms["d_hinge"] = hinge_d_loss(real_logits, fake_logits)
+            (terms["d_hinge"] * ctx.loss_scale).backward()
+        terms["total"] = loss
+        return {k: t.detach() for k, t in terms.items()}
+
+    @torch.no_grad()
+    def log_images(self, ema_model: nn.Module, logger: Any, step: int) -> None:
+        """Inputs (odd rows) above their EMA reconstructions (even rows); rank 0 only, milliseconds."""
+        if not logger.enabled:
+            return
+        x = self.log_batch.to(self.env.device)
+        recon = ema_model(x, sample_posterior=False)[0].clamp(-1, 1)
+        pairs = torch.stack([to_uint8(x), to_uint8(recon)], dim=1)  # (B, 2, 1, H, W)
+        nrow = 8
+        rows = [pairs[i : i + nrow].transpose(0, 1).flatten(0, 1) for i in range(0, len(pairs), nrow)]
+        logger.images(step, "images/input_vs_reconstruction", torch.cat(rows), nrow=min(nrow, len(pairs)))
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def log_images_batch(cfg: Config, train_set: OasisH5Dataset) -> torch.Tensor:
+    """Fixed images for the reconstruction grid: held-out slices where the file has them."""
+    n = cfg.train.num_log_images
+    try:
+        held_out = OasisH5Dataset(cfg.data.path, "validate", image_size=cfg.data.image_size, raw=True)
+    except (KeyError, ValueError):
+        held_out = train_set
+    step = max(1, len(held_out) // n)  # spread over cases and slice levels
+    raw = held_out.read_raw(list(range(0, step * n, step))[: len(held_out)])
+    return raw.float() / 127.5 - 1.0

@@ -1,0 +1,55 @@
+"""Typed configs: presets, YAML files, --set overrides, and the errors for bad keys and values."""
+
+from __future__ import annotations
+
+import pytest
+
+from oasis_ldm.config import ConfigError, dump_yaml, from_dict, load_config, presets, to_dict
+
+
+def test_presets_load_and_the_full_model_has_the_seed_widths():
+    assert {"demo", "oasis256"} <= set(presets())
+    cfg = load_config("oasis256")
+    assert cfg.unet.channels == (64, 128, 256, 256) and cfg.unet.bottleneck == 512
+    assert cfg.vae.latent_channels == 3 and 2 ** (len(cfg.vae.channel_mult) - 1) == 4
+    assert cfg.data.image_size == 256
+
+
+def test_overrides_are_coerced_to_the_field_types():
+    cfg = load_config(
+        "demo", ["train.lr=3e-4", "train.max_steps=2e3", "unet.attention=false,true,true", "data.in_memory=no"]
+    )
+    assert cfg.train.lr == 3e-4 and cfg.train.max_steps == 2000
+    assert cfg.unet.attention == (False, True, True) and cfg.data.in_memory is False
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.bogus=1", "unknown key train.bogus"),
+        ("nosection.lr=1", "unknown section 'nosection'"),
+        ("train.max_steps=1.5", "train.max_steps: expected int"),
+        ("data.in_memory=maybe", "expected true or false"),
+        ("data.augment=rotate", "data.augment='rotate': expected one of none, flip, seed"),
+        ("train.lr", "expected section.key=value"),
+        ("data.image_size=100", "data.image_size=100"),
+        ("unet.heads=3", "unet.heads=3 must divide"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("demo", [override])
+
+
+def test_yaml_files_and_round_trip(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  batch_size: 8\n  betas: [0.9, 0.95]\n")
+    cfg = load_config(str(path))
+    assert cfg.train.batch_size == 8 and cfg.train.betas == (0.9, 0.95)
+    assert from_dict(to_dict(cfg)) == cfg
+    assert "batch_size: 8" in dump_yaml(cfg)
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="not a file and not a preset"):
+        load_config("no-such-preset")
