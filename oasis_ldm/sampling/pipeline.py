@@ -1,0 +1,103 @@
+"""The sampling pipeline of an ldm checkpoint, and the per-image seeds it draws from.
+
+Image i of a request with seed S starts from noise drawn by its own generator, seeded with
+`image_seed(S, i)`, and every later random draw for it comes from that generator too. Its
+pixels therefore depend on (S, i) and the checkpoint only: not on the batch it shared, the
+rank or array task that ran it, or how many there were. Generators live on the CPU so a
+given seed names the same starting noise on any machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oasis_ldm import checkpoint
+from oasis_ldm.config import Config, from_dict
+from oasis_ldm.data.transforms import to_uint8
+from oasis_ldm.diffusion import GaussianDiffusion, per_image_randn
+from oasis_ldm.models import AutoencoderKL, UNet
+from oasis_ldm.seeding import derive_seed
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a request with seed `seed`."""
+    return derive_seed(seed, index)
+
+
+@dataclass
+class Pipeline:
+    """A latent diffusion model ready to sample: U-Net (EMA weights), frozen VAE decoder, schedule."""
+
+    unet: nn.Module
+    vae: AutoencoderKL
+    diffusion: GaussianDiffusion
+    scale_factor: float
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        seeds: Sequence[int],
+        sampler: str = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """uint8 images (B, 1, H, W), image b drawn from `seeds[b]` alone."""
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        x_T = per_image_randn(self.latent_shape, gens, self.device)
+        if sampler == "ddpm":
+            z = self.diffusion.ddpm_sample(self.unet, x_T, gens, progress=progress)
+        elif sampler == "ddim":
+            z = self.diffusion.ddim_sample(self.unet, x_T, steps, eta, gens, progress=progress)
+        else:
+            raise ValueError(f"sampler={sampler!r}: expected ddim or ddpm")
+        return to_uint8(self.vae.decode(z / self.scale_factor).clamp(-1, 1))
+
+
+def load_frozen_vae(path: Path, device: torch.device) -> tuple[AutoencoderKL, Config]:
+    """The EMA weights of a vae-stage checkpoint, in eval mode without gradients."""
+    saved = checkpoint.load(path, map_location="cpu")
+    if saved["stage"] != "vae":
+        raise checkpoint.CheckpointError(f"{path}: a {saved['stage']} checkpoint, expected a vae checkpoint")
+    cfg = from_dict(saved["config"])
+    vae = AutoencoderKL(cfg.vae)
+    vae.load_state_dict(saved["ema"]["model"])
+    return vae.to(device).eval().requires_grad_(False), cfg
+
+
+def load_pipeline(path_or_run: str | Path, device: torch.device | str = "cpu") -> tuple[Pipeline, dict[str, Any]]:
+    """The pipeline of an ldm checkpoint (file or run directory) and the checkpoint's metadata."""
+    path = checkpoint.resolve(path_or_run)
+    saved = checkpoint.load(path, map_location="cpu")
+    if saved["stage"] != "ldm":
+        raise checkpoint.CheckpointError(f"{path}: a {saved['stage']} checkpoint, expected an ldm checkpoint")
+    device = torch.device(device)
+    cfg = from_dict(saved["config"])
+    extra = saved["extra"]
+    vae = AutoencoderKL(from_dict(extra["vae_config"]).vae)
+    vae.load_state_dict(extra["vae_weights"])
+    vae = vae.to(device).eval().requires_grad_(False)
+    unet = UNet(cfg.unet, in_channels=vae.latent_channels)
+    unet.load_state_dict(saved["ema"]["model"])
+    unet = unet.to(device).eval().requires_grad_(False)
+    size = cfg.data.image_size // vae.factor
+    pipe = Pipeline(
+        unet=unet,
+        vae=vae,
+        diffusion=GaussianDiffusion.from_config(cfg.diffusion).to(device),
+        scale_factor=float(extra["scale_factor"]),
+        latent_shape=(vae.latent_channels, size, size),
+    )
+    meta = {"path": str(path), "sha256": checkpoint.file_sha256(path), "step": saved["step"], "config": cfg}
+    return pipe, meta
