@@ -19,9 +19,9 @@ readonly HOSTS_MARK="# oasis-ldm testcluster"
 readonly UP_TIMEOUT_S=60
 readonly STOP_TIMEOUT_S=15
 
-readonly PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+readonly PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server gcc libc6-dev)
 readonly BINARIES=(/usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/slurmdbd /usr/bin/sbatch /usr/bin/srun
-  /usr/bin/sacct /usr/bin/sacctmgr /usr/sbin/munged /usr/sbin/mariadbd /usr/bin/mariadb-install-db)
+  /usr/bin/sacct /usr/bin/sacctmgr /usr/sbin/munged /usr/sbin/mariadbd /usr/bin/mariadb-install-db /usr/bin/gcc)
 
 say() { printf 'testcluster: %s\n' "$*" >&2; }
 die() {
@@ -280,7 +280,7 @@ claim_dir() {
 
 # Start from a clean slate so that every boot behaves alike; the munge key survives.
 reset_state() {
-  rm -rf "${D:?}/etc" "$D/state" "$RUN" "$LOG" "$DB_DIR"
+  rm -rf "${D:?}/etc" "$D/state" "$RUN" "$LOG" "$DB_DIR" "$D/lib"
   rm -f "$MUNGE_DIR"/munged.* "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
   mkdir -p "$D/etc" "$D/state/slurmctld" "$RUN" "$LOG" "$DB_DIR/tmp"
   local n
@@ -346,8 +346,18 @@ start_mariadb() {
     die_with_logs "MariaDB did not become ready" "$LOG/mariadbd.log"
 }
 
+# slurmdbd has no bind-address option and listens on 0.0.0.0; a small LD_PRELOAD shim turns
+# that wildcard bind into a loopback one (slurm/bind_loopback.c).
+build_bind_shim() {
+  mkdir -p "$D/lib"
+  gcc -shared -fPIC -O2 -o "$D/lib/bind_loopback.so" "$SCRIPT_DIR/bind_loopback.c" -ldl \
+    >"$LOG/bind_loopback.log" 2>&1 || die_with_logs "could not build the loopback shim" "$LOG/bind_loopback.log"
+}
+
 start_slurmdbd() {
-  MYSQL_UNIX_PORT=$DB_SOCKET /usr/sbin/slurmdbd </dev/null >>"$LOG/slurmdbd.out" 2>&1 ||
+  build_bind_shim
+  LD_PRELOAD=$D/lib/bind_loopback.so MYSQL_UNIX_PORT=$DB_SOCKET /usr/sbin/slurmdbd </dev/null \
+    >>"$LOG/slurmdbd.out" 2>&1 ||
     die_with_logs "slurmdbd did not start" "$LOG/slurmdbd.out" "$LOG/slurmdbd.log"
   wait_for 30 sacctmgr -n show cluster ||
     die_with_logs "slurmdbd does not answer on port $DBD_PORT; sacctmgr says:

@@ -95,18 +95,20 @@ def _write_h5_atomic(path: Path, images: np.ndarray, seeds: np.ndarray, attrs: d
 def generate_shards(pipe: Pipeline, req: Request, out: Path, worker: int, workers: int, progress: bool = True) -> int:
     """Make this worker's missing shards; returns how many it made."""
     mine = [s for s in range(worker, req.num_shards, workers) if not shard_path(out, s).exists()]
-    made = 0
     for shard in tqdm(mine, desc=f"shards (worker {worker}/{workers})", disable=not progress):
+        path = shard_path(out, shard)
+        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed run; the shard is ours
+            stale.unlink(missing_ok=True)
         indices = list(req.shard_range(shard))
         seeds = [image_seed(req.seed, i) for i in indices]
-        batches = []
-        for b in range(0, len(seeds), req.batch_size):
-            batches.append(pipe.generate(seeds[b : b + req.batch_size], req.sampler, req.steps, req.eta))
+        batches = [
+            pipe.generate(seeds[b : b + req.batch_size], req.sampler, req.steps, req.eta)
+            for b in range(0, len(seeds), req.batch_size)
+        ]
         images = torch.cat(batches)[:, 0].cpu().numpy()
         attrs = {"first_index": indices[0], "checkpoint_sha256": req.checkpoint_sha256}
-        _write_h5_atomic(shard_path(out, shard), images, np.asarray(seeds, dtype=np.int64), attrs)
-        made += 1
-    return made
+        _write_h5_atomic(path, images, np.asarray(seeds, dtype=np.int64), attrs)
+    return len(mine)
 
 
 def missing_shards(req: Request, out: Path) -> list[int]:

@@ -1,0 +1,173 @@
+"""Cluster flags and the submitit executor, shared by launch/train.py and launch/sample.py.
+
+Only the launching process uses this module; the submitted callables are defined in the
+launch scripts themselves (submitit pickles them by value) and call the library directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument(
+        "--cluster",
+        choices=("auto", "slurm", "local", "debug"),
+        default="auto",
+        help="where to run: slurm, local subprocesses, or debug (in this process); auto = slurm where sbatch exists",
+    )
+    g.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0 on CPU nodes)")
+    g.add_argument(
+        "--tasks-per-node", type=int, default=None, help="tasks (ranks) per node; default one per GPU, else 1"
+    )
+    g.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (data workers + 1)")
+    g.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G); default: the partition's")
+    g.add_argument("--time", type=int, default=60, help="time limit per job in minutes")
+    g.add_argument("--partition", default=None, help="SLURM partition")
+    g.add_argument("--account", default=None, help="SLURM account")
+    g.add_argument("--qos", default=None, help="SLURM quality of service")
+    g.add_argument("--constraint", default=None, help="SLURM node constraint (features), e.g. a100")
+    g.add_argument("--exclude", default=None, help="nodes to avoid, SLURM node list syntax")
+    g.add_argument(
+        "--slurm-extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, passed through (repeatable), e.g. --slurm-extra reservation=mine",
+    )
+    g.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        help="how many times a job that hits its time limit is requeued (preemptions are not counted)",
+    )
+    g.add_argument(
+        "--signal-delay", type=int, default=120, help="seconds before the time limit that SIGUSR2 asks for a checkpoint"
+    )
+    g.add_argument("--job-name", default=None, help="SLURM job name (default: derived from the run)")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script that would be submitted and exit")
+    g.add_argument("--wait", action="store_true", help="block until the job ends, streaming its log")
+
+
+def fail(message: str) -> None:
+    """One line on stderr and exit status 2, as argparse does for bad flags."""
+    prog = Path(sys.argv[0]).name
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def resolve_cluster(args: argparse.Namespace) -> str:
+    if args.dry_run:
+        return "slurm"
+    if args.cluster == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if args.cluster == "slurm" and not shutil.which("sbatch"):
+        fail("--cluster slurm: sbatch is not on PATH (try --cluster local)")
+    return args.cluster
+
+
+def tasks_per_node(args: argparse.Namespace) -> int:
+    return args.tasks_per_node or max(1, args.gpus_per_node)
+
+
+def slurm_extra(args: argparse.Namespace) -> dict[str, str]:
+    extra = {}
+    for item in args.slurm_extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--slurm-extra {item!r}: expected KEY=VALUE")
+        extra[key.strip().lstrip("-")] = value
+    return extra
+
+
+def executor_parameters(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for the cluster flags."""
+    params: dict[str, Any] = {
+        "name": name,
+        "nodes": args.nodes,
+        "tasks_per_node": tasks_per_node(args),
+        "timeout_min": args.time,
+        "slurm_signal_delay_s": args.signal_delay,
+    }
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.cpus_per_task:
+        params["cpus_per_task"] = args.cpus_per_task
+    optional = {
+        "slurm_mem": args.mem,
+        "slurm_partition": args.partition,
+        "slurm_account": args.account,
+        "slurm_qos": args.qos,
+        "slurm_constraint": args.constraint,
+        "slurm_exclude": args.exclude,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    extra = slurm_extra(args)
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    return params
+
+
+def make_executor(args: argparse.Namespace, folder: Path, name: str, cluster: str) -> submitit.AutoExecutor:
+    """An executor for `cluster`; SLURM-only flags are ignored by the local ones."""
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=args.max_requeues)
+    params = executor_parameters(args, name)
+    if cluster != "slurm":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(args: argparse.Namespace, folder: Path, name: str, array: int | None = None, **extra: Any) -> str:
+    """The sbatch script submitit would submit for these flags (for --dry-run)."""
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+    params = executor_parameters(args, name)
+    translated = {
+        "job_name": params.pop("name"),
+        "nodes": params.pop("nodes"),
+        "ntasks_per_node": params.pop("tasks_per_node"),
+        "time": params.pop("timeout_min"),
+        **{k.removeprefix("slurm_"): v for k, v in params.items()},
+        **extra,
+    }
+    ex.update_parameters(**translated)
+    if array:
+        ex.parameters["map_count"] = array  # what submitit's map_array sets for a job array
+    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+
+
+def describe(jobs: list[submitit.Job], what: str) -> None:
+    for job in jobs:
+        print(f"submitted {what}: job {job.job_id}")
+        print(f"  log: {job.paths.stdout}")
+        print(f"  err: {job.paths.stderr}")
+
+
+def follow(job: submitit.Job, poll_s: float = 5.0) -> Any:
+    """Block until `job` ends, printing new lines of its rank-0 log as they arrive."""
+    import time
+
+    printed = 0
+    while not job.done():
+        printed = _print_new(job.paths.stdout, printed)
+        time.sleep(poll_s)
+    _print_new(job.paths.stdout, printed)
+    return job.results()
+
+
+def _print_new(path: Path, printed: int) -> int:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return printed
+    for line in lines[printed:]:
+        print(f"  | {line}", flush=True)
+    return len(lines)

@@ -1,0 +1,156 @@
+"""Generate samples from an ldm checkpoint on a SLURM cluster (or locally) with submitit.
+
+    python launch/sample.py --ckpt runs/demo/ldm --num-samples 10000 --out samples/demo \\
+        --nodes 2 --gpus-per-node 4 --partition gpu
+    python launch/sample.py --ckpt runs/demo/ldm --num-samples 10000 --out samples/demo --array 16
+
+Either one job of many tasks (--nodes/--tasks-per-node) or a job array of K one-task jobs
+(--array K) makes the shards; a last step merges them into OUT/samples.h5, samples.npz and
+grid.png (on SLURM a small job that starts once the others succeeded). Image i always comes
+from seed (--seed, i), so the result is the same however the work was split, and rerunning
+the same command after a failure makes only the missing shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import submitit
+from common import (
+    add_cluster_args,
+    describe,
+    fail,
+    follow,
+    make_executor,
+    resolve_cluster,
+    sbatch_script,
+    slurm_extra,
+)
+
+from oasis_ldm import checkpoint
+from oasis_ldm.sampling.shards import Request, RequestMismatch, missing_shards, write_request
+from oasis_ldm.sampling.worker import add_request_args, check_request_args, request_kwargs
+
+
+class SampleJob:
+    """One task of a sampling job: a task of a multi-task job, or (with `task`) an array task."""
+
+    def __init__(self, ckpt: str, out: str, kwargs: dict, array_size: int | None = None) -> None:
+        self.ckpt, self.out, self.kwargs, self.array_size = ckpt, out, kwargs, array_size
+
+    def __call__(self, task: int | None = None) -> dict:
+        import os
+        import socket
+
+        from oasis_ldm.sampling.worker import sample_worker
+
+        if self.array_size is None:
+            env = submitit.JobEnvironment()
+            worker, workers = env.global_rank, env.num_tasks
+        else:
+            worker, workers = task, self.array_size
+        made = sample_worker(self.ckpt, Path(self.out), **self.kwargs, worker=worker, workers=workers)
+        node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+        return {"worker": worker, "workers": workers, "node": node, "shards_made": made}
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        # Finished shards are on disk; the requeued task makes only the missing ones.
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def merge_job(out: str) -> str:
+    from oasis_ldm.sampling.shards import merge
+
+    return str(merge(Path(out)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Launch sharded, seeded sampling with submitit (SLURM, or local processes without it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_request_args(p)
+    p.add_argument("--array", type=int, default=None, metavar="K", help="split the work over a job array of K tasks")
+    add_cluster_args(p)
+    args = p.parse_args(argv)
+    check_request_args(args, p)
+    if args.array is not None and args.array < 1:
+        p.error("--array must be >= 1")
+    return args
+
+
+def validate_checkpoint(ckpt: str) -> tuple[Path, str]:
+    """Fail before queueing anything if --ckpt is not an ldm checkpoint."""
+    try:
+        path = checkpoint.resolve(ckpt)
+        saved = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        fail(f"--ckpt: {e}")
+    if saved["stage"] != "ldm":
+        fail(f"--ckpt {ckpt}: a {saved['stage']} checkpoint; sampling needs an ldm run")
+    return path.resolve(), checkpoint.file_sha256(path)
+
+
+def submit_workers(args: argparse.Namespace, out: Path, cluster: str, kwargs: dict) -> list[submitit.Job]:
+    ckpt = str(Path(args.ckpt).resolve())
+    if args.array:
+        one_task = copy.copy(args)
+        one_task.nodes, one_task.tasks_per_node = 1, 1
+        ex = make_executor(one_task, out / "submitit" / "%j", args.job_name or "oasis-sample", cluster)
+        job = SampleJob(ckpt, str(out), kwargs, array_size=args.array)
+        return ex.map_array(job, list(range(args.array)))
+    ex = make_executor(args, out / "submitit" / "%j", args.job_name or "oasis-sample", cluster)
+    return [ex.submit(SampleJob(ckpt, str(out), kwargs))]
+
+
+def submit_merge(args: argparse.Namespace, out: Path, cluster: str, after: list[submitit.Job]) -> submitit.Job:
+    """A one-task job that merges the shards once every worker job has succeeded."""
+    small = copy.copy(args)
+    small.nodes, small.tasks_per_node, small.gpus_per_node, small.cpus_per_task = 1, 1, 0, None
+    ex = make_executor(small, out / "submitit" / "%j", args.job_name or "oasis-merge", cluster)
+    job_id = after[0].job_id.split("_")[0]  # the array's id covers all of its tasks
+    extra = {**slurm_extra(args), "kill-on-invalid-dep": "yes"}  # cancelled, not pending forever, if one fails
+    ex.update_parameters(slurm_dependency=f"afterok:{job_id}", slurm_additional_parameters=extra)
+    return ex.submit(merge_job, str(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cluster = resolve_cluster(args)
+    out = args.out.resolve()
+    kwargs = request_kwargs(args)
+    if args.dry_run:
+        print(sbatch_script(args, out / "submitit" / "%j", args.job_name or "oasis-sample", array=args.array))
+        return 0
+    path, sha = validate_checkpoint(args.ckpt)
+    fields = {k: v for k, v in kwargs.items() if k != "device"}
+    req = Request(checkpoint=str(path), checkpoint_sha256=sha, **fields)
+    try:
+        write_request(out, req)
+    except RequestMismatch as e:
+        fail(str(e))
+    todo = missing_shards(req, out)
+    print(f"{req.num_shards - len(todo)} of {req.num_shards} shards already done; {len(todo)} to make")
+    if not todo:
+        print(f"wrote {merge_job(str(out))}")
+        return 0
+    jobs = submit_workers(args, out, cluster, kwargs)
+    describe(jobs, "sampling")
+    if cluster == "slurm":
+        merge = submit_merge(args, out, cluster, jobs)
+        describe([merge], "merge")
+        if args.wait:
+            for job in [*jobs, merge]:
+                print(f"job {job.job_id} finished: {follow(job)}")
+        return 0
+    for job in jobs:  # local executors: wait here, then merge here
+        print(f"job {job.job_id} finished: {follow(job)}")
+    print(f"wrote {merge_job(str(out))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
