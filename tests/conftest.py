@@ -137,11 +137,13 @@ def train_cmd(stage: str, run_dir: Path, data: Path, *overrides: str) -> list[st
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
-    """One thread per process (tests run several at once on 2 cores), loopback-only gloo."""
+    """One thread per process (tests run several at once on 2 cores), loopback-only gloo, and
+    this interpreter's environment first on PATH (jobs started by sbatch inherit it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(extra)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -158,4 +160,11 @@ def tiny_vae(tmp_path_factory, tiny_h5) -> Path:
     """A finished tiny vae run, for the ldm stage to encode with."""
     run_dir = tmp_path_factory.mktemp("vae") / "run"
     train("vae", run_dir, tiny_h5)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm(tmp_path_factory, tiny_h5, tiny_vae) -> Path:
+    run_dir = tmp_path_factory.mktemp("ldm") / "run"
+    train("ldm", run_dir, tiny_h5, f"ldm.vae_ckpt={tiny_vae}", "train.max_steps=4")
     return run_dir

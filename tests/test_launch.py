@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -14,7 +13,8 @@ import numpy as np
 import pytest
 import slurm_cluster as sc
 import submitit
-from conftest import REPO, TINY, quiet_env, train
+from conftest import REPO, TINY, quiet_env
+from jobs import job_ids, launch, read_samples, sample_args, saved_step, starts, wait_for
 
 from oasis_ldm import checkpoint
 from oasis_ldm.config import from_dict
@@ -26,37 +26,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 @pytest.fixture
 def env() -> dict[str, str]:
     return quiet_env(**sc.require_cluster())
-
-
-def launch(script: str, *args: str, env: dict[str, str], timeout: float = 300) -> str:
-    cmd = [sys.executable, str(REPO / "launch" / script), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
-    assert out.returncode == 0, f"{script} failed:\n{out.stdout}\n{out.stderr}"
-    return out.stdout
-
-
-def job_ids(stdout: str, what: str) -> list[str]:
-    return re.findall(rf"submitted {what}: job (\S+)", stdout)
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-def starts(run_dir: Path) -> list[dict]:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text())["starts"] if path.exists() else []
-
-
-def saved_step(run_dir: Path) -> int:
-    last = run_dir / "checkpoints" / "last.pt"
-    return checkpoint.load(last)["step"] if last.exists() else 0
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -202,39 +171,6 @@ def test_bad_flags_fail_in_one_line(tmp_path):
 
 
 # --- sampling ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_ldm(tmp_path_factory, tiny_h5, tiny_vae) -> Path:
-    run_dir = tmp_path_factory.mktemp("ldm") / "run"
-    train("ldm", run_dir, tiny_h5, f"ldm.vae_ckpt={tiny_vae}", "train.max_steps=4")
-    return run_dir
-
-
-def sample_args(ckpt: Path, out: Path, n: int = 10) -> list[str]:
-    return [
-        "--ckpt",
-        str(ckpt),
-        "--out",
-        str(out),
-        "--num-samples",
-        str(n),
-        "--seed",
-        "7",
-        "--shard-size",
-        "3",
-        "--batch-size",
-        "2",
-        "--steps",
-        "5",
-        "--eta",
-        "1.0",
-    ]
-
-
-def read_samples(out: Path) -> tuple[np.ndarray, np.ndarray]:
-    with h5py.File(out / "samples.h5", "r") as f:
-        return f["images"][:], f["seed"][:]
 
 
 def test_sampling_is_identical_for_one_process_two_tasks_and_an_array(tmp_path, tiny_ldm, env):
