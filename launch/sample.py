@@ -30,8 +30,9 @@ from common import (
     slurm_extra,
 )
 
-from oasis_ldm import checkpoint
-from oasis_ldm.sampling.shards import Request, RequestMismatch, missing_shards, write_request
+from oasis_ldm.checkpoint import CheckpointError
+from oasis_ldm.sampling.pipeline import read_checkpoint
+from oasis_ldm.sampling.shards import RequestMismatch, missing_shards, request_for, write_request
 from oasis_ldm.sampling.worker import add_request_args, check_request_args, request_kwargs
 
 
@@ -82,16 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def validate_checkpoint(ckpt: str) -> tuple[Path, str]:
+def checkpoint_meta(ckpt: str) -> dict:
     """Fail before queueing anything if --ckpt is not an ldm checkpoint."""
     try:
-        path = checkpoint.resolve(ckpt)
-        saved = checkpoint.load(path)
-    except checkpoint.CheckpointError as e:
-        fail(f"--ckpt: {e}")
-    if saved["stage"] != "ldm":
-        fail(f"--ckpt {ckpt}: a {saved['stage']} checkpoint; sampling needs an ldm run")
-    return path.resolve(), checkpoint.file_sha256(path)
+        return read_checkpoint(ckpt, "ldm")[1]
+    except CheckpointError as e:
+        fail(f"--ckpt {e}")
 
 
 def submit_workers(args: argparse.Namespace, out: Path, cluster: str, kwargs: dict) -> list[submitit.Job]:
@@ -125,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(sbatch_script(args, out / "submitit" / "%j", args.job_name or "oasis-sample", array=args.array))
         return 0
-    path, sha = validate_checkpoint(args.ckpt)
-    fields = {k: v for k, v in kwargs.items() if k != "device"}
-    req = Request(checkpoint=str(path), checkpoint_sha256=sha, **fields)
+    req = request_for(checkpoint_meta(args.ckpt), **{k: v for k, v in kwargs.items() if k != "device"})
     try:
         write_request(out, req)
     except RequestMismatch as e:

@@ -233,4 +233,4 @@ def test_sampling_refuses_a_vae_checkpoint(tmp_path, tiny_vae):
     cmd = [sys.executable, str(REPO / "launch" / "sample.py"), *sample_args(tiny_vae, tmp_path / "s")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=quiet_env(), cwd=REPO)
     assert out.returncode == 2
-    assert out.stderr.strip().endswith("a vae checkpoint; sampling needs an ldm run")
+    assert out.stderr.strip().endswith("this is the vae stage's checkpoint; the ldm stage's is needed")

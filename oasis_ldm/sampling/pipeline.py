@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from oasis_ldm import checkpoint
-from oasis_ldm.config import Config, from_dict
+from oasis_ldm.config import from_dict
 from oasis_ldm.data.transforms import to_uint8
 from oasis_ldm.diffusion import GaussianDiffusion, per_image_randn
 from oasis_ldm.models import AutoencoderKL, UNet
@@ -65,26 +65,42 @@ class Pipeline:
         return to_uint8(self.vae.decode(z / self.scale_factor).clamp(-1, 1))
 
 
-def load_frozen_vae(path: Path, device: torch.device) -> tuple[AutoencoderKL, Config]:
-    """The EMA weights of a vae-stage checkpoint, in eval mode without gradients."""
+def read_checkpoint(path_or_run: str | Path, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint of `stage` (file or run directory): (its content, metadata).
+
+    The metadata {"path", "sha256", "step", "config"} is what outputs record about the
+    model that made them. The wrong stage is a CheckpointError naming both.
+    """
+    path = checkpoint.resolve(path_or_run)
     saved = checkpoint.load(path, map_location="cpu")
-    if saved["stage"] != "vae":
-        raise checkpoint.CheckpointError(f"{path}: a {saved['stage']} checkpoint, expected a vae checkpoint")
-    cfg = from_dict(saved["config"])
-    vae = AutoencoderKL(cfg.vae)
+    if saved["stage"] != stage:
+        found = saved["stage"]
+        message = f"this is the {found} stage's checkpoint; the {stage} stage's is needed"
+        raise checkpoint.CheckpointError(f"{path_or_run}: {message}")
+    meta = {
+        "path": str(path.resolve()),
+        "sha256": checkpoint.file_sha256(path),
+        "step": int(saved["step"]),
+        "config": from_dict(saved["config"]),
+    }
+    return saved, meta
+
+
+def load_frozen_vae(
+    path_or_run: str | Path, device: torch.device | str = "cpu"
+) -> tuple[AutoencoderKL, dict[str, Any]]:
+    """The EMA weights of a vae checkpoint, in eval mode without gradients, and its metadata."""
+    saved, meta = read_checkpoint(path_or_run, "vae")
+    vae = AutoencoderKL(meta["config"].vae)
     vae.load_state_dict(saved["ema"]["model"])
-    return vae.to(device).eval().requires_grad_(False), cfg
+    return vae.to(device).eval().requires_grad_(False), meta
 
 
 def load_pipeline(path_or_run: str | Path, device: torch.device | str = "cpu") -> tuple[Pipeline, dict[str, Any]]:
     """The pipeline of an ldm checkpoint (file or run directory) and the checkpoint's metadata."""
-    path = checkpoint.resolve(path_or_run)
-    saved = checkpoint.load(path, map_location="cpu")
-    if saved["stage"] != "ldm":
-        raise checkpoint.CheckpointError(f"{path}: a {saved['stage']} checkpoint, expected an ldm checkpoint")
+    saved, meta = read_checkpoint(path_or_run, "ldm")
     device = torch.device(device)
-    cfg = from_dict(saved["config"])
-    extra = saved["extra"]
+    cfg, extra = meta["config"], saved["extra"]
     vae = AutoencoderKL(from_dict(extra["vae_config"]).vae)
     vae.load_state_dict(extra["vae_weights"])
     vae = vae.to(device).eval().requires_grad_(False)
@@ -99,5 +115,4 @@ def load_pipeline(path_or_run: str | Path, device: torch.device | str = "cpu") -
         scale_factor=float(extra["scale_factor"]),
         latent_shape=(vae.latent_channels, size, size),
     )
-    meta = {"path": str(path), "sha256": checkpoint.file_sha256(path), "step": saved["step"], "config": cfg}
     return pipe, meta

@@ -29,6 +29,8 @@ from oasis_ldm.sampling.pipeline import Pipeline, image_seed
 class Request:
     checkpoint: str
     checkpoint_sha256: str
+    checkpoint_step: int
+    image_size: int  # the resolution the model was trained at (and samples at)
     num_samples: int
     seed: int = 0
     sampler: str = "ddim"
@@ -44,6 +46,17 @@ class Request:
     def shard_range(self, shard: int) -> range:
         start = shard * self.shard_size
         return range(start, min(start + self.shard_size, self.num_samples))
+
+
+def request_for(meta: dict, **params: object) -> Request:
+    """A request for the checkpoint described by `meta` (see sampling.pipeline.read_checkpoint)."""
+    return Request(
+        checkpoint=meta["path"],
+        checkpoint_sha256=meta["sha256"],
+        checkpoint_step=meta["step"],
+        image_size=meta["config"].data.image_size,
+        **params,
+    )
 
 
 class RequestMismatch(ValueError):

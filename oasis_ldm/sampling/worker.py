@@ -12,7 +12,7 @@ from pathlib import Path
 
 from oasis_ldm.distributed import pick_device
 from oasis_ldm.sampling.pipeline import load_pipeline
-from oasis_ldm.sampling.shards import Request, generate_shards, write_request
+from oasis_ldm.sampling.shards import generate_shards, request_for, write_request
 
 
 def worker_from_env() -> tuple[int, int]:
@@ -46,9 +46,8 @@ def sample_worker(
     """Make worker `worker`'s missing shards of the request; returns how many it made."""
     local_rank = int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
     pipe, meta = load_pipeline(ckpt, pick_device(device, local_rank))
-    req = Request(
-        checkpoint=meta["path"],
-        checkpoint_sha256=meta["sha256"],
+    req = request_for(
+        meta,
         num_samples=num_samples,
         seed=seed,
         sampler=sampler,

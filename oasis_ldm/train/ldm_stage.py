@@ -40,7 +40,8 @@ class LDMStage:
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.vae_path = checkpoint.resolve(cfg.ldm.vae_ckpt).resolve()
         self.vae_sha256 = checkpoint.file_sha256(self.vae_path)
-        self.vae, self.vae_cfg = load_frozen_vae(self.vae_path, env.device)
+        self.vae, vae_meta = load_frozen_vae(self.vae_path, env.device)
+        self.vae_cfg = vae_meta["config"]
         f = self.vae.factor
         self.latent_size = cfg.data.image_size // f
         if cfg.data.image_size % f or self.latent_size % 8:
