@@ -1,0 +1,111 @@
+"""Evaluate a VAE's reconstructions or a set of samples against a split of the packed data.
+
+    python tools/evaluate.py --data data/oasis.h5 --split test --vae-ckpt runs/vae256 --out vae.json
+    python tools/evaluate.py --data data/oasis.h5 --split train --samples samples/ldm256/samples.h5 \\
+        --out samples.json [--inception-weights pt_inception-2015-12-05-6726825d.pth] [--tb runs/ldm256]
+
+Writes the report (JSON) and a side-by-side PNG next to it (real | reconstruction, or
+sample | its nearest slice of the split); with --tb, logs the figures to that run's TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from oasis_ldm.checkpoint import CheckpointError
+from oasis_ldm.data.oasis import SPLITS
+from oasis_ldm.distributed import pick_device
+from oasis_ldm.evaluation import EvaluationError, evaluate_reconstruction, evaluate_samples
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, type=Path, help="the packed HDF5 file (tools/pack_h5.py)")
+    p.add_argument("--split", default="test", help=f"the split to compare with: {', '.join(SPLITS)}")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--vae-ckpt", help="a vae run directory or checkpoint: reconstruction metrics over the split")
+    what.add_argument("--samples", type=Path, help="a samples.h5 (launch/sample.py): sample metrics against the split")
+    p.add_argument("--out", required=True, type=Path, help="report JSON; the PNG goes beside it (OUT with .png)")
+    p.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        help="local Inception-v3 weights (pytorch-fid pt_inception or torchvision format) to add FID and KID",
+    )
+    p.add_argument("--tb", type=Path, default=None, help="a run directory: also log the figures to RUN/tb")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (reconstruction)")
+    p.add_argument("--max-pairs", type=int, default=2000, help="random pairs for the MS-SSIM diversity figures")
+    p.add_argument("--top-k", type=int, default=16, help="nearest-slice candidates kept by the fast prefilter")
+    p.add_argument("--seed", type=int, default=0, help="seed of the real subset, the pairs and the KID subsets")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"evaluate: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def write_outputs(report: dict, picture: torch.Tensor, out: Path) -> Path:
+    from torchvision.utils import save_image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+    png = out.with_suffix(".png")
+    save_image(picture.float() / 255, png)
+    return png
+
+
+def log_to_tensorboard(run_dir: Path, report: dict, picture: torch.Tensor, kind: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = int(report.get("checkpoint_step", 0))
+    with SummaryWriter(str(run_dir / "tb")) as writer:
+        for key, value in report.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "checkpoint_step":
+                writer.add_scalar(f"eval_{kind}/{key}", value, step)
+        writer.add_image(f"eval_{kind}/side_by_side", picture, step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.split not in SPLITS:
+        return fail(f"--split {args.split!r}: expected one of {', '.join(SPLITS)}")
+    if not args.data.is_file():
+        return fail(f"--data {args.data}: no such file")
+    if args.tb is not None and not args.tb.is_dir():
+        return fail(f"--tb {args.tb}: not a run directory")
+    device = pick_device(args.device)
+    try:
+        if args.vae_ckpt:
+            report, picture = evaluate_reconstruction(
+                args.vae_ckpt, args.data, args.split, batch_size=args.batch_size, device=device
+            )
+            kind = "reconstruction"
+        else:
+            report, picture = evaluate_samples(
+                args.samples, args.data, args.split, inception_weights=args.inception_weights,
+                max_pairs=args.max_pairs, top_k=args.top_k, seed=args.seed, device=device,
+            )  # fmt: skip
+            kind = "samples"
+    except (EvaluationError, CheckpointError, FileNotFoundError, ValueError) as e:
+        return fail(str(e))
+    png = write_outputs(report, picture, args.out)
+    if args.tb is not None:
+        log_to_tensorboard(args.tb, report, picture, kind)
+    shown = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    print(json.dumps(shown))
+    print(f"evaluate: wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
