@@ -31,8 +31,9 @@ def tiny_samples(tmp_path_factory, tiny_ldm) -> Path:
 
 
 def test_reconstruction_report(tmp_path, tiny_h5, tiny_vae):
-    out = evaluate("--data", tiny_h5, "--split", "test", "--vae-ckpt", tiny_vae, "--out", tmp_path / "r.json",
-                   "--tb", tiny_vae)  # fmt: skip
+    out = evaluate(
+        "--data", tiny_h5, "--split", "test", "--vae-ckpt", tiny_vae, "--out", tmp_path / "r.json", "--tb", tiny_vae
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert {"psnr", "ssim", "ms_ssim", "n"} <= set(report)
@@ -63,8 +64,18 @@ def test_samples_report_with_inception_weights(tmp_path, tiny_h5, tiny_samples):
     weights = tmp_path / "inception.pth"
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     torch.save(net.state_dict(), weights)  # random weights in torchvision's format: shapes only
-    out = evaluate("--data", tiny_h5, "--split", "train", "--samples", tiny_samples, "--out", tmp_path / "s.json",
-                   "--inception-weights", weights)  # fmt: skip
+    out = evaluate(
+        "--data",
+        tiny_h5,
+        "--split",
+        "train",
+        "--samples",
+        tiny_samples,
+        "--out",
+        tmp_path / "s.json",
+        "--inception-weights",
+        weights,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "s.json").read_text())
     assert np.isfinite(report["fid"]) and np.isfinite(report["kid"])
@@ -86,21 +97,39 @@ def test_errors_are_one_line(tmp_path, tiny_h5, tiny_vae, tiny_ldm, tiny_samples
         for name in ("train", "validate"):
             src.copy(src[name], dst, name)
         dst.attrs.update(src.attrs)
-    one_line_error(evaluate("--data", no_test, "--split", "test", "--vae-ckpt", tiny_vae, "--out", tmp_path / "x.json"),
-                   "no split 'test'")  # fmt: skip
+    one_line_error(
+        evaluate("--data", no_test, "--split", "test", "--vae-ckpt", tiny_vae, "--out", tmp_path / "x.json"),
+        "no split 'test'",
+    )
     one_line_error(evaluate(*common, "--split", "test", "--vae-ckpt", tiny_ldm), "the ldm stage's checkpoint")
     bigger = tmp_path / "big.h5"
     with h5py.File(bigger, "w") as f:
         f.create_dataset("images", data=np.zeros((4, 48, 48), np.uint8))  # no record of its model's size
     one_line_error(evaluate(*common, "--split", "train", "--samples", bigger), "samples are 48x48", "at 32x32")
-    one_line_error(evaluate(*common, "--split", "train", "--samples", tiny_samples, "--inception-weights",
-                            tmp_path / "missing.pth"), "--inception-weights")  # fmt: skip
+    one_line_error(
+        evaluate(
+            *common, "--split", "train", "--samples", tiny_samples, "--inception-weights", tmp_path / "missing.pth"
+        ),
+        "--inception-weights",
+    )
     assert not (tmp_path / "x.json").exists()
 
 
 def test_help_documents_every_flag():
     out = evaluate("--help")
     assert out.returncode == 0
-    for flag in ("--data", "--split", "--vae-ckpt", "--samples", "--out", "--inception-weights", "--tb",
-                 "--batch-size", "--max-pairs", "--top-k", "--seed", "--device"):  # fmt: skip
+    for flag in (
+        "--data",
+        "--split",
+        "--vae-ckpt",
+        "--samples",
+        "--out",
+        "--inception-weights",
+        "--tb",
+        "--batch-size",
+        "--max-pairs",
+        "--top-k",
+        "--seed",
+        "--device",
+    ):
         assert flag in out.stdout

@@ -40,8 +40,17 @@ def test_train_sbatch_runs_ddp_over_two_nodes_and_requeues_itself(tmp_path, tiny
     train_args = ["--stage", "vae", "--config", TINY, "--run-dir", str(run_dir), f"--set=data.path={tiny_h5}"]
     train_args += ["--set=train.max_steps=100000", "--set=train.ckpt_every=20", "--set=train.image_every=100000"]
     log = tmp_path / "train.log"
-    job = sbatch(env, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--output={log}",
-                 "--chdir", str(REPO), cpu_copy("train.sbatch", tmp_path), *train_args)  # fmt: skip
+    job = sbatch(
+        env,
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        f"--output={log}",
+        "--chdir",
+        str(REPO),
+        cpu_copy("train.sbatch", tmp_path),
+        *train_args,
+    )
     try:
         wait_for(lambda: saved_step(run_dir) > 0, 120, "training to start")
         sc.run_slurm(["scancel", "--signal=USR2", job])

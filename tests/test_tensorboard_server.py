@@ -33,8 +33,9 @@ def test_tensorboard_serves_the_runs_scalars_and_images(tiny_vae: Path):
     tensorboard = Path(sys.executable).parent / "tensorboard"
     cmd = [str(tensorboard), "--logdir", str(tiny_vae), "--host", "127.0.0.1", "--port", str(port)]
     # load_fast=false: the pure-Python reader, no second (data server) process to keep on loopback.
-    server = subprocess.Popen([*cmd, "--load_fast=false"], env=quiet_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)  # fmt: skip
+    server = subprocess.Popen(
+        [*cmd, "--load_fast=false"], env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     base = f"http://127.0.0.1:{port}/data"
     try:
         deadline = time.monotonic() + 90

@@ -92,9 +92,15 @@ def main(argv: list[str] | None = None) -> int:
             kind = "reconstruction"
         else:
             report, picture = evaluate_samples(
-                args.samples, args.data, args.split, inception_weights=args.inception_weights,
-                max_pairs=args.max_pairs, top_k=args.top_k, seed=args.seed, device=device,
-            )  # fmt: skip
+                args.samples,
+                args.data,
+                args.split,
+                inception_weights=args.inception_weights,
+                max_pairs=args.max_pairs,
+                top_k=args.top_k,
+                seed=args.seed,
+                device=device,
+            )
             kind = "samples"
     except (EvaluationError, CheckpointError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
