@@ -47,9 +47,27 @@ def main(argv: list[str] | None = None) -> int:
     step("train vae, then ldm", [*train, "--set", f"data.path={h5}", "--cluster", "local", "--time", "60"])
     sample = [py, "launch/sample.py", "--ckpt", str(runs / "ldm"), "--num-samples", str(args.samples)]
     step("sample", [*sample, "--out", str(samples), "--batch-size", "64", "--cluster", "local"])
+    evaluate = [py, "tools/evaluate.py", "--data", str(h5)]
+    vae_report, samples_report = out / "eval" / "vae_test.json", out / "eval" / "samples_vs_train.json"
+    step("evaluate the vae", [*evaluate, "--split", "test", "--vae-ckpt", str(runs / "vae"), "--out", str(vae_report)])
+    step(
+        "evaluate the samples",
+        [
+            *evaluate,
+            "--split",
+            "train",
+            "--samples",
+            str(samples / "samples.h5"),
+            "--out",
+            str(samples_report),
+            "--tb",
+            str(runs / "ldm"),
+        ],
+    )
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     print(f"  samples:      {samples / 'grid.png'}  (all of them: {samples / 'samples.h5'})")
     print(f"  training:     {runs}/vae/images and {runs}/ldm/images (PNG grids)")
+    print(f"  evaluation:   {vae_report}, {samples_report} (and .png beside each)")
     print(f"  TensorBoard:  tensorboard --logdir {runs}")
     return 0
 
