@@ -72,6 +72,8 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     options = PackOptions(
         splits=splits,
