@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from oasis_ldm.train.order import ResumableSampler, global_randn
+from oasis_ldm.train.order import ResumableSampler, step_rows
 
 
 def test_ranks_together_see_exactly_the_single_process_batches():
@@ -27,7 +27,17 @@ def test_epochs_differ_and_a_start_position_skips_whole_batches():
     assert list(s) == epoch1[2 * 4 :] and len(s) == len(epoch1) - 8
 
 
-def test_global_noise_slices_are_the_single_process_rows():
-    full = global_randn((6, 3), torch.Generator().manual_seed(5), 0, 1, torch.device("cpu"))
-    halves = [global_randn((3, 3), torch.Generator().manual_seed(5), r, 2, torch.device("cpu")) for r in range(2)]
-    assert torch.equal(full[0::2], halves[0]) and torch.equal(full[1::2], halves[1])
+def test_a_sample_draws_the_same_numbers_however_the_step_is_split():
+    """(ranks, accumulation) = (1, 1) with batch 8, (2, 1) with 4, (2, 2) with 2: same rows."""
+    full = torch.randn(8, 3, generator=torch.Generator().manual_seed(5))
+    single = step_rows(full, micro=0, accum=1, rank=0, world_size=1)
+    sampler_rows = list(ResumableSampler(64, batch_size=8, rank=0, world_size=1, seed=1))[:8]
+    for world, accum in [(2, 1), (2, 2), (1, 4)]:
+        batch = 8 // (world * accum)
+        samplers = [iter(ResumableSampler(64, batch, rank=r, world_size=world, seed=1)) for r in range(world)]
+        for micro in range(accum):
+            for rank in range(world):
+                rows = [next(samplers[rank]) for _ in range(batch)]
+                noise = step_rows(full, micro, accum, rank, world)
+                for row, values in zip(rows, noise, strict=True):  # the noise follows the sample
+                    assert torch.equal(values, single[sampler_rows.index(row)])

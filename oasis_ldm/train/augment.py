@@ -1,9 +1,9 @@
 """Batch augmentation on the training device, with parameters drawn by the global-batch rule.
 
-Parameters are drawn on the CPU for the whole global micro-batch from the step's generator
-and sliced to this rank's rows (see order.py), so the augmentation of a sample depends on
-(seed, step, its position in the global batch) alone: not on the number of ranks, the data
-workers, or whether the run was resumed.
+Parameters are drawn on the CPU for the step's whole batch from the step's generator and
+sliced to this micro-batch's rows on this rank (see order.py), so the augmentation of a
+sample depends on (seed, step, its position in the step's batch) alone: not on the number
+of ranks, the accumulation steps, the data workers, or whether the run was resumed.
 """
 
 from __future__ import annotations
@@ -14,23 +14,19 @@ import torch
 
 from oasis_ldm.data.transforms import AugmentParams, apply_params, sample_params, to_float
 from oasis_ldm.train.context import StepContext
-from oasis_ldm.train.order import rank_rows
 
 AUGMENT = 10  # the `purpose` id of augmentation draws
 
 
-def _rank_params(params: AugmentParams, ctx: StepContext) -> AugmentParams:
-    rank, world = ctx.env.rank, ctx.env.world_size
+def global_params(n: int, height: int, width: int, mode: str, ctx: StepContext) -> AugmentParams:
+    """Parameters drawn for the step's whole batch; this micro-batch's rows on this rank."""
+    gen = ctx.generator(AUGMENT, torch.device("cpu"))
+    params = sample_params(ctx.step_rows(n), height, width, mode, gen)
     return dataclasses.replace(
         params,
-        flip=None if params.flip is None else rank_rows(params.flip, rank, world),
-        boxes=None if params.boxes is None else rank_rows(params.boxes, rank, world),
+        flip=None if params.flip is None else ctx.mine(params.flip),
+        boxes=None if params.boxes is None else ctx.mine(params.boxes),
     )
-
-
-def global_params(n: int, height: int, width: int, mode: str, ctx: StepContext) -> AugmentParams:
-    gen = ctx.generator(AUGMENT, torch.device("cpu"))
-    return _rank_params(sample_params(n * ctx.env.world_size, height, width, mode, gen), ctx)
 
 
 def prepare_images(batch: torch.Tensor, mode: str, ctx: StepContext) -> torch.Tensor:

@@ -164,7 +164,7 @@ def train_step(
         opt.zero_grad(set_to_none=True)
     terms: dict[str, torch.Tensor] = {}
     for micro in range(accum):
-        ctx = StepContext(step, micro, env, cfg.train.seed, 1.0 / accum, cfg.train.precision == "bf16")
+        ctx = StepContext(step, micro, accum, env, cfg.train.seed, cfg.train.precision == "bf16")
         sync = micro == accum - 1
         with contextlib.ExitStack() as stack:
             if not sync:

@@ -3,10 +3,11 @@
 Every epoch is one seeded permutation of the split, cut into global micro-batches of
 `world_size * batch_size` rows; rank r takes rows r, r + W, r + 2W, ... of each one, which
 is exactly what `DistributedSampler` would hand it. Random numbers follow the same rule:
-they are drawn for the whole global micro-batch from a generator seeded by
-(seed, step, micro-batch) and each rank keeps its rows. So one process with batch 2B and
-two with batch B see the same samples with the same noise, and a resumed run, which starts
-the sampler at its saved position, replays the uninterrupted one exactly.
+they are drawn for the step's whole batch (all micro-batches, all ranks) from a generator
+seeded by (seed, step, purpose) and each rank keeps the rows of its samples. So one process
+with batch 4B, two with batch 2B, and two with batch B and two accumulation steps see the
+same samples with the same noise, and a resumed run, which starts the sampler at its saved
+position, replays the uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -49,22 +50,12 @@ class ResumableSampler(Sampler[int]):
         return (self.batches_per_epoch() - self.start_batch) * self.batch_size
 
 
-def rank_rows(global_tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's rows of a tensor drawn for the global micro-batch."""
-    return global_tensor[rank::world_size]
+def step_rows(full: torch.Tensor, micro: int, accum: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows of micro-batch `micro`, from a tensor drawn for the step's whole batch.
 
-
-def global_randn(
-    local_shape: tuple[int, ...], gen: torch.Generator, rank: int, world_size: int, device: torch.device
-) -> torch.Tensor:
-    """Standard normal noise drawn for the global micro-batch; this rank's rows."""
-    n, *rest = local_shape
-    full = torch.randn((n * world_size, *rest), generator=gen, device=device)
-    return rank_rows(full, rank, world_size)
-
-
-def global_randint(
-    high: int, n: int, gen: torch.Generator, rank: int, world_size: int, device: torch.device
-) -> torch.Tensor:
-    full = torch.randint(0, high, (n * world_size,), generator=gen, device=device)
-    return rank_rows(full, rank, world_size)
+    The step's rows are ordered micro-batch first, then position r + W*j within it, which is
+    how the sampler hands out samples: so the draw for a sample depends on where it sits in
+    the step's global batch, not on how ranks and accumulation divide that batch.
+    """
+    per_micro = full.shape[0] // accum
+    return full[micro * per_micro : (micro + 1) * per_micro][rank::world_size]
