@@ -64,7 +64,7 @@ Commands:
            are idle and sacct answers. A no-op when the cluster is already up. Needs root.
   down     cancel all jobs, stop every daemon that 'up' started, remove the /etc/hosts line.
            Succeeds when the cluster is only partly up or already down. Needs root.
-  env      print 'export SLURM_CONF=...' for the clients:  eval "\$($PROG env)"
+  env      print 'export SLURM_CONF=... GLOO_SOCKET_IFNAME=lo' for clients and jobs:  eval "\$($PROG env)"
   status   print each daemon's state and sinfo; exit status 0 only when all are running.
 
 Options:
@@ -538,6 +538,8 @@ cmd_down() {
 
 cmd_env() {
   printf 'export SLURM_CONF=%q\n' "$CONF"
+  # gloo would otherwise pick the interface of the host name's address; jobs inherit this.
+  printf 'export GLOO_SOCKET_IFNAME=lo\n'
 }
 
 cmd_status() {
