@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,6 @@ def describe(jobs: list[submitit.Job], what: str) -> None:
 
 def follow(job: submitit.Job, poll_s: float = 5.0) -> Any:
     """Block until `job` ends, printing new lines of its rank-0 log as they arrive."""
-    import time
-
     printed = 0
     while not job.done():
         printed = _print_new(job.paths.stdout, printed)

@@ -229,6 +229,7 @@ def run_steps(
         if step % t.image_every == 0 or step == t.max_steps:
             stage.log_images(ema.model, logger, step)
         if stop_now or step % t.ckpt_every == 0 or step == t.max_steps:
+            logger.flush()  # events up to a checkpoint survive a kill: a resume leaves no gap
             save(run_dir, stage, optimizers, ema, pos, cfg, env)
         if stop_now:
             logger.close()
