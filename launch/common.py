@@ -129,20 +129,25 @@ def make_executor(args: argparse.Namespace, folder: Path, name: str, cluster: st
 
 def sbatch_script(args: argparse.Namespace, folder: Path, name: str, array: int | None = None, **extra: Any) -> str:
     """The sbatch script submitit would submit for these flags (for --dry-run)."""
+    # AutoExecutor refuses to build a SLURM executor where srun is missing (a laptop, a dry
+    # run), so translate its generic names with submitit's own table and use the SLURM one.
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+    names = submitit.SlurmExecutor._equivalence_dict()
     params = executor_parameters(args, name)
-    translated = {
-        "job_name": params.pop("name"),
-        "nodes": params.pop("nodes"),
-        "ntasks_per_node": params.pop("tasks_per_node"),
-        "time": params.pop("timeout_min"),
-        **{k.removeprefix("slurm_"): v for k, v in params.items()},
-        **extra,
-    }
-    ex.update_parameters(**translated)
+    ex.update_parameters(**{names.get(k, k.removeprefix("slurm_")): v for k, v in params.items()}, **extra)
     if array:
         ex.parameters["map_count"] = array  # what submitit's map_array sets for a job array
     return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+
+
+def run_after(ex: submitit.AutoExecutor, args: argparse.Namespace, job_id: str) -> None:
+    """Make `ex`'s next job start once `job_id` (a job, or a whole array) has succeeded.
+
+    kill-on-invalid-dep: if that job fails, the dependent one is cancelled rather than left
+    pending forever.
+    """
+    extra = {**slurm_extra(args), "kill-on-invalid-dep": "yes"}
+    ex.update_parameters(slurm_dependency=f"afterok:{job_id}", slurm_additional_parameters=extra)
 
 
 def describe(jobs: list[submitit.Job], what: str) -> None:

@@ -26,8 +26,8 @@ from common import (
     follow,
     make_executor,
     resolve_cluster,
+    run_after,
     sbatch_script,
-    slurm_extra,
 )
 
 from oasis_ldm.checkpoint import CheckpointError
@@ -108,9 +108,7 @@ def submit_merge(args: argparse.Namespace, out: Path, cluster: str, after: list[
     small = copy.copy(args)
     small.nodes, small.tasks_per_node, small.gpus_per_node, small.cpus_per_task = 1, 1, 0, None
     ex = make_executor(small, out / "submitit" / "%j", args.job_name or "oasis-merge", cluster)
-    job_id = after[0].job_id.split("_")[0]  # the array's id covers all of its tasks
-    extra = {**slurm_extra(args), "kill-on-invalid-dep": "yes"}  # cancelled, not pending forever, if one fails
-    ex.update_parameters(slurm_dependency=f"afterok:{job_id}", slurm_additional_parameters=extra)
+    run_after(ex, args, after[0].job_id.split("_")[0])  # the array's id covers all of its tasks
     return ex.submit(merge_job, str(out))
 
 

@@ -24,8 +24,8 @@ from common import (
     follow,
     make_executor,
     resolve_cluster,
+    run_after,
     sbatch_script,
-    slurm_extra,
     tasks_per_node,
 )
 
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage, run_dir, overrides in jobs:
         ex = make_executor(args, run_dir / "submitit" / "%j", args.job_name or f"oasis-{stage}", cluster)
         if previous is not None and cluster == "slurm":
-            extra = {**slurm_extra(args), "kill-on-invalid-dep": "yes"}  # cancelled if the vae job fails
-            ex.update_parameters(slurm_dependency=f"afterok:{previous.job_id}", slurm_additional_parameters=extra)
+            run_after(ex, args, previous.job_id)
         job = ex.submit(TrainJob(stage, args.config, overrides, str(run_dir)))
         describe([job], f"{stage} training")
         if stage == jobs[0][0]:

@@ -63,19 +63,15 @@ class RequestMismatch(ValueError):
     """The output folder holds samples of another request."""
 
 
-def _same(a: dict, b: dict) -> bool:
-    keys = set(a) | set(b)
-    return all(a.get(k) == b.get(k) for k in keys if k != "checkpoint")  # the path may move, the bytes may not
-
-
 def write_request(out: Path, req: Request) -> None:
     """Record the request in OUT/request.json, refusing to mix it with another one."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "request.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        if not _same(old, asdict(req)):
-            diffs = [k for k in asdict(req) if k != "checkpoint" and old.get(k) != asdict(req)[k]]
+        old, new = json.loads(path.read_text()), asdict(req)
+        # The checkpoint's path may move; its bytes (checksum) may not.
+        diffs = [k for k in sorted(set(old) | set(new)) if k != "checkpoint" and old.get(k) != new.get(k)]
+        if diffs:
             detail = ", ".join(diffs)
             raise RequestMismatch(f"{out} holds samples of another request ({detail} differ): use a new --out")
         return

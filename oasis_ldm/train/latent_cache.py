@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from oasis_ldm.data.dataset import OasisH5Dataset
+from oasis_ldm.data.transforms import to_float
 from oasis_ldm.distributed import DistEnv, barrier
 from oasis_ldm.models import AutoencoderKL
 
@@ -33,7 +34,7 @@ def _encode_part(path: Path, images: OasisH5Dataset, vae: AutoencoderKL, env: Di
     with h5py.File(path, "w") as f:
         mean_ds = std_ds = None
         for i in tqdm(range(0, len(rows), ENCODE_BATCH), desc="latent cache", disable=not env.is_main):
-            x = images.read_raw(rows[i : i + ENCODE_BATCH]).to(env.device).float() / 127.5 - 1.0
+            x = to_float(images.read_raw(rows[i : i + ENCODE_BATCH]).to(env.device))
             posterior = vae.encode(x)
             mean, std = (t.half().cpu().numpy() for t in (posterior.mean, posterior.std))
             if mean_ds is None:

@@ -17,6 +17,7 @@ from torch import nn
 from oasis_ldm import checkpoint
 from oasis_ldm.config import Config, to_dict
 from oasis_ldm.data.dataset import OasisH5Dataset
+from oasis_ldm.data.transforms import to_float
 from oasis_ldm.diffusion import GaussianDiffusion
 from oasis_ldm.distributed import DistEnv, barrier, broadcast
 from oasis_ldm.models import UNet
@@ -88,7 +89,7 @@ class LDMStage:
         latents = []
         for i in range(0, n, self.cfg.train.batch_size):
             x = self.images.read_raw(rows[i : i + self.cfg.train.batch_size]).to(self.env.device)
-            posterior = self.vae.encode(x.float() / 127.5 - 1.0)
+            posterior = self.vae.encode(to_float(x))
             noise = torch.randn(posterior.mean.shape, generator=dev_gen, device=self.env.device)
             latents.append((posterior.mean + posterior.std * noise).double().flatten())
         return 1.0 / torch.cat(latents).std().item()

@@ -17,7 +17,7 @@ from torch import nn
 
 from oasis_ldm.config import Config
 from oasis_ldm.data.dataset import OasisH5Dataset
-from oasis_ldm.data.transforms import to_uint8
+from oasis_ldm.data.transforms import to_float, to_uint8
 from oasis_ldm.distributed import DistEnv
 from oasis_ldm.models import build_discriminator, build_vae, generator_adv_loss, hinge_d_loss
 from oasis_ldm.train.augment import prepare_images
@@ -114,4 +114,4 @@ def log_images_batch(cfg: Config, train_set: OasisH5Dataset) -> torch.Tensor:
         held_out = train_set
     step = max(1, len(held_out) // n)  # spread over cases and slice levels
     raw = held_out.read_raw(list(range(0, step * n, step))[: len(held_out)])
-    return raw.float() / 127.5 - 1.0
+    return to_float(raw)
