@@ -179,8 +179,19 @@ def wait_for_state(
         if state in FINISHED_STATES:
             raise AssertionError(f"job {job_id} ended {state}, waited for {sorted(wanted)}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {state} after {timeout}s, waited for {sorted(wanted)}")
+            raise TimeoutError(
+                f"job {job_id} still {state} after {timeout}s, waited for {sorted(wanted)}; queue: {queue_summary()}"
+            )
         time.sleep(poll_s)
+
+
+def queue_summary() -> str:
+    """Every job slurmctld holds, with its state and pending reason: why a job waits."""
+    try:
+        out = run_slurm(["squeue", "-h", "-t", "all", "-o", "%i %T %r %N"], timeout=10)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        return f"(squeue failed: {err})"
+    return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or "(empty)"
 
 
 def wait_until_idle(timeout: float = 30) -> dict[str, str]:

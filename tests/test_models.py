@@ -122,6 +122,13 @@ def test_demo_preset_counts_match_the_formulas():
     assert count_parameters(build_vae(cfg)) == vae_params(cfg.vae)
 
 
+def test_no_model_has_buffers_for_ddp_to_sync():
+    # The training loop leaves DDP's buffer sync at its default because there is nothing to sync.
+    cfg = load_config("oasis256")
+    for model in (build_vae(cfg), build_unet(cfg), build_discriminator(cfg)):
+        assert list(model.buffers()) == [], type(model).__name__
+
+
 def test_vae_shapes_and_factor():
     vae = AutoencoderKL(TINY_VAE)
     x = torch.randn(2, 1, 32, 32)

@@ -56,9 +56,15 @@ def test_train_sbatch_runs_ddp_over_two_nodes_and_requeues_itself(tmp_path, tiny
         sc.run_slurm(["scancel", "--signal=USR2", job])
         wait_for(lambda: len(starts(run_dir)) == 2, 120, "the requeued start")
         resumed = wait_for(lambda: re.findall(r"resumed vae from step (\d+)", log.read_text()), 60, "the resume")
+        wait_for(lambda: saved_step(run_dir) > int(resumed[0]), 120, "a checkpoint after the resume")
     finally:
         sc.cancel(int(job))
-    assert int(resumed[0]) > 0 and "saved last.pt on SIGUSR2; requeueing" in log.read_text()
+    # srun reports 143 after scancel as well: the script must tell a cancel from a SIGUSR2 stop.
+    wait_for(lambda: "not requeueing" in log.read_text(), 60, "the script to see the cancel")
+    assert sc.wait_for_state(int(job), {"CANCELLED"}, timeout=30, probe=sc.sacct_state) == "CANCELLED"
+    assert sc.wait_until_idle(30) == {"n1": "idle", "n2": "idle"}
+    assert sc.squeue_state(int(job)) in (None, "CANCELLED") and len(starts(run_dir)) == 2
+    assert int(resumed[0]) > 0 and log.read_text().count("saved last.pt on SIGUSR2; requeueing") == 1
     assert {s["slurm_job_id"] for s in starts(run_dir)} == {job}
     assert {s["world_size"] for s in starts(run_dir)} == {2}
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["world_size"] == 2
@@ -69,6 +75,7 @@ def test_sample_sbatch_array_then_merge_matches_a_local_run(tmp_path, tiny_ldm):
     out = tmp_path / "array"
     args = sample_args(tiny_ldm, out)
     script = cpu_copy("sample.sbatch", tmp_path)
+    assert sc.wait_until_idle(60) == {"n1": "idle", "n2": "idle"}, "an earlier test left jobs running"
     tasks = ["--array=0-2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out"]
     array = sbatch(env, *tasks, script, *args)
     merge_cmd = shlex.join(["python", "-m", "oasis_ldm.sampling", *args, "--merge-only"])

@@ -108,7 +108,9 @@ def wrap_models(models: dict[str, nn.Module], env: DistEnv, cfg: Config) -> dict
     for name, model in models.items():
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            # No model here has buffers (GroupNorm only), so DDP's buffer sync is a no-op: leave
+            # its default, whose keyword was renamed across torch releases.
+            model = DistributedDataParallel(model, device_ids=ids)
         if cfg.train.compile and env.device.type == "cuda":
             model = torch.compile(model)
         wrapped[name] = model
