@@ -52,12 +52,40 @@ def _export_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+class DeviceError(RuntimeError):
+    """This rank cannot use the device the job asked for; the message is one line."""
+
+
+GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def slurm_gave_gpus(environ: dict[str, str] | None = None) -> str | None:
+    """`NAME=value` of the SLURM variable saying this job has GPUs, or None."""
+    env = os.environ if environ is None else environ
+    for name in GPU_VARIABLES:
+        value = env.get(name, "").strip()
+        if value and value not in ("0", "(null)"):
+            return f"{name}={value}"
+    return None
+
+
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+    """The rank's device. `auto` means CUDA where torch sees it; a rank of a SLURM GPU job that
+    sees none fails here rather than joining on the CPU: one gloo rank among NCCL ranks hangs."""
+    if preference == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    # submitit exports CUDA_VISIBLE_DEVICES per task, leaving one visible device.
+        given = slurm_gave_gpus()
+        if preference == "auto" and given is None:
+            return torch.device("cpu")
+        why = f"SLURM gave this job GPUs ({given})" if given else "train.device=cuda"
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise DeviceError(
+            f"{why} but torch sees no CUDA device (CUDA_VISIBLE_DEVICES={seen}, "
+            f"torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
+        )
+    # SLURM shows a task either its own GPU or all of the node's: index by local rank when
+    # several are visible.
     index = local_rank if torch.cuda.device_count() > local_rank else 0
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
