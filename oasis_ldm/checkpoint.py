@@ -10,9 +10,11 @@ file that is fsync'ed and renamed over the old one. Everything loads with
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-import warnings
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +52,55 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
         os.close(dir_fd)
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and sanity-check one checkpoint; raise CheckpointError if it is unusable."""
+def verify(data: bytes, path: Path) -> None:
+    """Check the CRC-32 that the zip format stores for every record of a torch checkpoint.
+
+    `torch.load` does not read them: a flipped bit in a tensor loads silently, with a damaged
+    weight. Reading them back costs one pass over the bytes (milliseconds per 100 MB).
+    """
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, unpickling refused, ...
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged checkpoint (checksum mismatch in {bad})")
+
+
+def parse(data: bytes, path: Path) -> dict[str, Any]:
+    """Verify and load checkpoint bytes read from `path`, always onto the CPU.
+
+    CPU first, whatever device trains: RNG states and NumPy values must stay there, and
+    `load_state_dict` places each tensor where its model or optimizer lives (an optimizer's
+    `step` stays a CPU scalar, as AdamW wants it: no host sync per parameter).
+    """
+    verify(data, path)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # garbage bytes, unpickling refused, ...
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not an oasis-ldm checkpoint (missing keys)")
     return obj
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load and check one checkpoint file; raise CheckpointError if it is unusable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse(data, Path(path))
+
+
+@dataclass(frozen=True)
+class Found:
+    """The checkpoint a run resumes from: its file, its bytes (to share with other ranks), its state."""
+
+    path: Path
+    data: bytes
+    state: dict[str, Any]
+    note: str | None = None  # why newer files were passed over, for the one warning a fallback prints
 
 
 def snapshots(ckpt_dir: Path) -> list[Path]:
@@ -74,11 +116,11 @@ def prune_snapshots(ckpt_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """`last.pt`, or the newest good snapshot when it is missing or corrupt; None if nothing.
+def find_latest(ckpt_dir: Path) -> Found | None:
+    """`last.pt`, or the newest good snapshot when it is missing or damaged; None if nothing.
 
-    A corrupt `last.pt` is not deleted: it is left for a person to inspect, and the next
-    checkpoint write replaces it.
+    A damaged `last.pt` is not deleted: it is left for a person to inspect, and the next
+    checkpoint write replaces it. A fallback says why in `Found.note`, for one warning line.
     """
     candidates = [ckpt_dir / LAST, *reversed(snapshots(ckpt_dir))]
     problems = []
@@ -86,18 +128,23 @@ def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> dic
         if not path.exists():
             continue
         try:
-            obj = load(path, map_location)
-        except CheckpointError as e:
+            data = path.read_bytes()
+            state = parse(data, path)
+        except (CheckpointError, OSError) as e:
             problems.append(str(e))
-            warnings.warn(f"{e}; trying an older snapshot", RuntimeWarning, stacklevel=2)
             continue
+        note = None
         if problems:
-            note = f"resuming from {path.name} (step {obj['step']}) instead"
-            warnings.warn(note, RuntimeWarning, stacklevel=2)
-        return obj
+            note = f"{'; '.join(problems)}; resuming from {path.name} (step {state['step']}) instead"
+        return Found(path, data, state, note)
     if problems:
         raise CheckpointError("no usable checkpoint in " + str(ckpt_dir) + ": " + "; ".join(problems))
     return None
+
+
+def has_checkpoint(ckpt_dir: Path) -> bool:
+    """Whether the run directory's checkpoints/ holds any checkpoint file (good or not)."""
+    return (ckpt_dir / LAST).exists() or bool(snapshots(ckpt_dir))
 
 
 def resolve(path_or_run: str | Path) -> Path:

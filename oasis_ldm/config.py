@@ -77,15 +77,23 @@ class DiffusionConfig:
 @dataclass
 class LDMConfig:
     vae_ckpt: str = ""  # the VAE checkpoint (or vae run directory) the ldm stage encodes with
-    scale_batches: int = 8  # batches of training latents used to estimate 1/std(z)
+    # Training slices whose latents estimate 1/std(z): a fixed count, so the factor (and so the
+    # model) does not depend on how many ranks or how large a micro-batch measured it.
+    scale_samples: int = 256
     latent_cache: bool = False  # encode the training split once into RUN_DIR/latents.h5
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 100_000
-    batch_size: int = 16  # per rank and per micro-batch
-    grad_accum: int = 1
+    # The global batch of one optimizer step: all ranks and accumulation rounds together, so the
+    # same command trains the same model on 1, 2 or 8 GPUs, and a requeue onto another number of
+    # nodes resumes exactly. It must split evenly over the ranks.
+    batch_size: int = 16
+    # A cap on what one rank computes at once (0 = its whole share, batch_size / ranks): memory
+    # only. The accumulation rounds follow: share / micro_batch (the largest divisor of the share
+    # that fits the cap).
+    micro_batch: int = 0
     lr: float = 1e-4
     disc_lr: float = 1e-4
     weight_decay: float = 0.0
@@ -100,7 +108,7 @@ class TrainConfig:
     image_every: int = 2000
     num_log_images: int = 16
     seed: int = 0
-    precision: str = "bf16"  # fp32 | bf16 (bf16 autocast on CUDA only; CPU runs fp32)
+    precision: str = "bf16"  # fp32 | bf16 autocast (CUDA and CPU); see README "bf16 policy"
     compile: bool = False  # torch.compile on CUDA
     device: str = "auto"  # auto | cpu | cuda
 
@@ -196,11 +204,19 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (of sections, and optionally `stages`)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f) or {}
+            values = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(values).__name__}")
+    return values
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -224,6 +240,8 @@ def load_config(name_or_path: str = "oasis256", overrides: list[str] | None = No
     path = resolve_config_path(name_or_path)
     values = load_yaml(path)
     per_stage = values.pop("stages", None) or {}
+    if not isinstance(per_stage, dict):
+        raise ConfigError(f"{path}: stages must be a mapping of vae/ldm to sections, got {type(per_stage).__name__}")
     unknown = set(per_stage) - set(STAGES)
     if unknown:
         raise ConfigError(f"{path}: unknown stage(s) {', '.join(sorted(unknown))} under stages (known: vae, ldm)")
@@ -268,7 +286,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "train.max_steps": cfg.train.max_steps,
         "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
+        "ldm.scale_samples": cfg.ldm.scale_samples,
         "train.ckpt_every": cfg.train.ckpt_every,
         "train.log_every": cfg.train.log_every,
         "diffusion.timesteps": cfg.diffusion.timesteps,
@@ -276,6 +294,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
+    if cfg.train.micro_batch < 0:
+        raise ConfigError(f"train.micro_batch={cfg.train.micro_batch}: must be >= 0 (0 = each rank's whole share)")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -287,8 +307,17 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return {k: {kk: plain(vv) for kk, vv in v.items()} for k, v in dataclasses.asdict(cfg).items()}
 
 
+# Keys that earlier releases wrote into checkpoints and that no longer exist: dropped when a
+# checkpoint's config is read, so old autoencoders and ldm checkpoints still load and sample.
+RETIRED_KEYS = {("train", "grad_accum"), ("ldm", "scale_batches")}
+
+
 def from_dict(values: dict[str, Any]) -> Config:
     """Inverse of `to_dict` (used when a checkpoint carries its config)."""
+    values = {
+        section: {k: v for k, v in (body or {}).items() if (section, k) not in RETIRED_KEYS}
+        for section, body in values.items()
+    }
     cfg = apply_dict(Config(), values, "checkpoint config")
     validate(cfg)
     return cfg

@@ -11,10 +11,14 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,16 +60,20 @@ class DeviceError(RuntimeError):
     """This rank cannot use the device the job asked for; the message is one line."""
 
 
-GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
+GPU_ID_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")  # lists of GPU indices, e.g. "0,1"
+GPU_COUNT_VARIABLE = "SLURM_GPUS_ON_NODE"
 
 
 def slurm_gave_gpus(environ: dict[str, str] | None = None) -> str | None:
     """`NAME=value` of the SLURM variable saying this job has GPUs, or None."""
     env = os.environ if environ is None else environ
-    for name in GPU_VARIABLES:
+    for name in GPU_ID_VARIABLES:
         value = env.get(name, "").strip()
-        if value and value not in ("0", "(null)"):
+        if value and value != "(null)":
             return f"{name}={value}"
+    count = env.get(GPU_COUNT_VARIABLE, "").strip()
+    if count.isdigit() and int(count) > 0:
+        return f"{GPU_COUNT_VARIABLE}={count}"
     return None
 
 
@@ -141,3 +149,74 @@ def broadcast(value: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_initialized():
         dist.broadcast(value, src=src)
     return value
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device under NCCL."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def on_rank0(decide: Callable[[], T]) -> T:
+    """Run `decide` on rank 0 only and give every rank its result, or raise its error on every rank.
+
+    For decisions all ranks must share (which checkpoint to resume, whether a cache exists):
+    each rank deciding for itself can disagree after a read glitch on one node.
+    """
+    if not dist.is_initialized():
+        return decide()
+    box: list[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as e:  # handed to every rank, which raises it
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+    """Rank 0's `data` on every rank (others pass None): one file read, shared."""
+    if not dist.is_initialized():
+        assert data is not None
+        return data
+    device = _collective_device()
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    if dist.get_rank() == 0:
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src=0)
+    return data if dist.get_rank() == 0 else bytes(buffer.cpu().numpy())
+
+
+class PeerError(RuntimeError):
+    """Another rank failed; its own log says why."""
+
+
+def on_every_rank(work: Callable[[], T]) -> T:
+    """Run `work` on every rank; if it fails anywhere, raise everywhere instead of hanging apart.
+
+    The failing rank raises its own error, the others a PeerError.
+    """
+    try:
+        result, error = work(), None
+    except Exception as e:
+        result, error = None, e
+    if not all_ok(error is None):
+        raise error if error is not None else PeerError("another rank failed to start; see its log")
+    return result
+
+
+def all_ok(ok: bool) -> bool:
+    """True on every rank when `ok` is true on every rank: ranks fail together, never hang apart."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag.item()) == 0.0

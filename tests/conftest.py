@@ -168,3 +168,45 @@ def tiny_ldm(tmp_path_factory, tiny_h5, tiny_vae) -> Path:
     run_dir = tmp_path_factory.mktemp("ldm") / "run"
     train("ldm", run_dir, tiny_h5, f"ldm.vae_ckpt={tiny_vae}", "train.max_steps=4")
     return run_dir
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(cmds: list[list[str]], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Run one command per rank as a torchrun-style gloo job on loopback; (returncode, stdout, stderr) each."""
+    port, world = str(free_port()), str(len(cmds))
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=quiet_env(RANK=str(r), WORLD_SIZE=world, LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r, cmd in enumerate(cmds)
+    ]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def final_state_of(run_dir: Path) -> dict:
+    """The last checkpoint of a finished run."""
+    from oasis_ldm import checkpoint
+
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")

@@ -53,3 +53,28 @@ def test_yaml_files_and_round_trip(tmp_path):
         load_config(str(tmp_path / "bad.yaml"))
     with pytest.raises(ConfigError, match="not a file and not a preset"):
         load_config("no-such-preset")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- train\n- vae\n", "expected a mapping of sections at the top level, got list"),
+        ("just a string\n", "expected a mapping of sections at the top level, got str"),
+        ("stages: [vae, ldm]\n", "stages must be a mapping of vae/ldm to sections, got list"),
+        ("stages:\n  vae: 3\n", "stages.vae: expected a mapping of sections, got int"),
+        ("train: 5\n", "section 'train' must be a mapping"),
+    ],
+)
+def test_a_yaml_file_of_the_wrong_shape_is_one_config_error(tmp_path, text, message):
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(str(path), stage="vae")
+    assert "\n" not in str(caught.value)
+
+
+def test_checkpoints_of_earlier_releases_keep_loading():
+    values = to_dict(load_config("demo"))
+    values["train"]["grad_accum"] = 1  # written by releases before the global batch
+    values["ldm"]["scale_batches"] = 8
+    assert from_dict(values) == load_config("demo")

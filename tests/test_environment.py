@@ -48,4 +48,8 @@ def test_a_gpu_job_that_sees_no_gpu_fails_instead_of_falling_back(monkeypatch):
         pick_device("auto")
     assert pick_device("cpu") == torch.device("cpu")  # asked for explicitly: allowed
     monkeypatch.setenv("SLURM_JOB_GPUS", "(null)")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
     assert pick_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    with pytest.raises(DeviceError, match="SLURM_GPUS_ON_NODE=4"):
+        pick_device("auto")

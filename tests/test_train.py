@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, quiet_env, train, train_cmd
+from conftest import REPO, TINY, quiet_env, run_ranks, train, train_cmd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from oasis_ldm import checkpoint
@@ -92,44 +91,30 @@ def test_sigkill_resume_is_bit_exact(tmp_path, tiny_h5, tiny_vae, stage):
     assert steps == list(range(1, 41))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_h5):
-    common = ["train.max_steps=4", "train.image_every=100"]
-    train("vae", tmp_path / "one", tiny_h5, *common, "train.batch_size=4")
-    port = str(free_port())
-    cmd = train_cmd("vae", tmp_path / "two", tiny_h5, *common, "train.batch_size=2")
-    procs = [
-        subprocess.Popen(
-            cmd,
-            env=quiet_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    common = ["train.max_steps=4", "train.image_every=100", "train.batch_size=4"]  # the global batch
+    train("vae", tmp_path / "one", tiny_h5, *common)
+    results = run_ranks([train_cmd("vae", tmp_path / "two", tiny_h5, *common)] * 2)
+    assert all(r.returncode == 0 for r in results), "\n".join(r.stdout + r.stderr for r in results)
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     assert two["world_size"] == 2 and one["world_size"] == 1
     # Same samples, noise and augmentation in every step: only float summation order differs.
     # Compare what the models compute, not raw weights: Adam turns the rounding noise in the
     # (mathematically zero) gradient of a bias feeding a GroupNorm into lr-sized weight changes.
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
-    x = OasisH5Dataset(tiny_h5, "validate", raw=True).read_raw(range(8)).float() / 127.5 - 1
+    assert_same_outputs(one, two, tiny_h5)
+
+
+def assert_same_outputs(a: dict, b: dict, data: Path, atol: float = 1e-4) -> None:
+    """Two vae checkpoints reconstruct held-out slices alike."""
+    x = OasisH5Dataset(data, "validate", raw=True).read_raw(range(8)).float() / 127.5 - 1
     outputs = []
-    for state in (one, two):
+    for state in (a, b):
         vae = build_vae(from_dict(state["config"]))
         vae.load_state_dict(state["models"]["vae"])
         with torch.no_grad():
             outputs.append(vae(x, sample_posterior=False)[0])
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=atol, rtol=0)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -143,13 +128,12 @@ def test_corrupt_last_falls_back_to_newest_snapshot(tmp_path, tiny_h5):
     train("vae", run_dir, tiny_h5, "train.max_steps=4")
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated by a crash mid-copy, say
-    with pytest.warns(RuntimeWarning) as caught:
-        saved = checkpoint.load_latest(run_dir / "checkpoints")
-    messages = [str(w.message) for w in caught]
-    assert "unreadable checkpoint" in messages[0] and "resuming from step_00000004.pt" in messages[1]
-    assert saved["step"] == 4  # the step-4 snapshot
+    found = checkpoint.find_latest(run_dir / "checkpoints")
+    assert "unreadable checkpoint" in found.note and "resuming from step_00000004.pt (step 4) instead" in found.note
+    assert found.state["step"] == 4 and found.path.name == "step_00000004.pt"
     out = train("vae", run_dir, tiny_h5, "train.max_steps=6")
     assert "resumed vae from step 4" in out.stdout
+    assert out.stdout.count("warning:") == 1 and "resuming from step_00000004.pt" in out.stdout
     assert final_state(run_dir)["step"] == 6
 
 
@@ -244,18 +228,18 @@ def test_ldm_checkpoint_is_self_contained(tmp_path, tiny_h5, tiny_vae):
 def test_restart_with_another_config_is_refused(tmp_path, tiny_h5):
     run_dir = tmp_path / "run"
     train("vae", run_dir, tiny_h5, "train.max_steps=2")
-    cmd = train_cmd("vae", run_dir, tiny_h5, "train.max_steps=2", "train.lr=0.5")
+    cmd = train_cmd("vae", run_dir, tiny_h5, "train.max_steps=2", "vae.kl_weight=0.5")
     out = subprocess.run(cmd, capture_output=True, text=True, env=quiet_env(), cwd=REPO, timeout=120)
     assert out.returncode == 1
-    assert "holds a run with another config: train.lr: 0.001 -> 0.5" in out.stderr
+    assert "holds a run with another config: vae.kl_weight: 1e-06 -> 0.5" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_grad_accumulation_matches_the_bigger_batch(tmp_path, tiny_h5):
-    """batch 2 x 2 accumulation steps trains the same model as batch 4 in one step."""
-    common = ["train.max_steps=4", "train.image_every=100"]
-    train("vae", tmp_path / "big", tiny_h5, *common, "train.batch_size=4")
-    train("vae", tmp_path / "accum", tiny_h5, *common, "train.batch_size=2", "train.grad_accum=2")
+    """A global batch of 4 in 2 rounds of 2 (train.micro_batch=2) trains the model of 4 at once."""
+    common = ["train.max_steps=4", "train.image_every=100", "train.batch_size=4"]
+    train("vae", tmp_path / "big", tiny_h5, *common)
+    train("vae", tmp_path / "accum", tiny_h5, *common, "train.micro_batch=2")
     assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "accum"), rel=1e-4)
 
 

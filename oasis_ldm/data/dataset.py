@@ -129,8 +129,12 @@ class OasisH5Dataset(Dataset):
         with schema.open_h5(self.path) as f:
             dset = f[self.split][name]
             data = np.empty(dset.shape, dtype=np.uint8)
-            if len(data):
-                dset.read_direct(data)
+            try:
+                if len(data):
+                    dset.read_direct(data)
+            except OSError as e:  # a truncated or damaged file opens, then fails here
+                problem = " ".join(str(e).split())
+                raise schema.SchemaError(f"{self.path}: /{self.split}/{name} is unreadable ({problem})") from None
         rows = torch.from_numpy(data)[:, None]
         if tuple(rows.shape[-2:]) == self.size:
             return rows

@@ -3,10 +3,11 @@
 Two paths with the same modes:
 - per sample (`sample_transform`): torchvision.transforms.v2 on one (1, S, S) tensor, drawing
   from torch's global generator (what a DataLoader worker seeds);
-- per batch (`augment_batch`): every sample gets its own random parameters, drawn on the CPU
-  from an explicit `torch.Generator`, then applied to the whole batch in one op on the
-  batch's device. A trainer that seeds the generator from the step reproduces the exact
-  augmentation after a resume, on any device and with any number of data workers.
+- per batch (`augment_batch`): every sample gets its own random parameters, drawn from an
+  explicit `torch.Generator` on that generator's device (the trainer's: no host-to-device
+  copy per micro-batch), then applied to the whole batch in one op. A trainer that seeds
+  the generator from the step reproduces the exact augmentation after a resume, with any
+  number of data workers.
 
 Modes: `none`; `flip` (horizontal flip, p=0.5); `seed` (the seed report's recipe: resize
 to 1.25x, then RandomResizedCrop back to the size with scale (0.8, 1.0), ratio (3/4, 4/3)).
@@ -72,7 +73,7 @@ def resize_batch(x: Tensor, size: int | tuple[int, int], *, nearest: bool = Fals
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """Per-sample parameters of one batch, on the CPU.
+    """Per-sample parameters of one batch, on the device of the generator that drew them.
 
     `flip` (B,) bool. `boxes` (B, 4) float64 (top, left, height, width) of each crop in the
     upscaled image of size `upscaled` (H', W'): what the seed recipe crops after its resize.
@@ -84,10 +85,10 @@ class AugmentParams:
 
 
 def _rand(n: int | tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    """U[0, 1) float64 on the CPU, drawn on the generator's own device (CPU or CUDA)."""
+    """U[0, 1) float64, drawn and kept on the generator's own device (CPU or CUDA)."""
     device = generator.device if generator is not None else torch.device("cpu")
     shape = (n,) if isinstance(n, int) else n
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float64).cpu()
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
 
 
 def _crop_boxes(batch: int, height: int, width: int, generator: torch.Generator | None) -> Tensor:
@@ -103,8 +104,8 @@ def _crop_boxes(batch: int, height: int, width: int, generator: torch.Generator 
     top = torch.floor(u[..., 2] * (height - h + 1))
     left = torch.floor(u[..., 3] * (width - w + 1))
     first = torch.where(ok.any(1), ok.float().argmax(1), 0)
-    pick = torch.stack([top, left, h, w], -1)[torch.arange(batch), first]
-    fallback = torch.tensor(_centre_box(height, width), dtype=torch.float64)
+    pick = torch.stack([top, left, h, w], -1)[torch.arange(batch, device=u.device), first]
+    fallback = torch.tensor(_centre_box(height, width), dtype=torch.float64, device=u.device)
     return torch.where(ok.any(1)[:, None], pick, fallback)
 
 
@@ -140,7 +141,7 @@ def _crop_theta(params: AugmentParams, height: int, width: int) -> Tensor:
     """
     top, left, h, w = params.boxes.unbind(1)
     sy, sx = params.upscaled[0] / height, params.upscaled[1] / width
-    theta = torch.zeros(len(top), 2, 3, dtype=torch.float64)
+    theta = torch.zeros(len(top), 2, 3, dtype=torch.float64, device=top.device)
     theta[:, 0, 0] = w / (sx * width)
     theta[:, 0, 2] = (2 * left + w) / (sx * width) - 1
     theta[:, 1, 1] = h / (sy * height)

@@ -72,7 +72,7 @@ def read_checkpoint(path_or_run: str | Path, stage: str) -> tuple[dict[str, Any]
     model that made them. The wrong stage is a CheckpointError naming both.
     """
     path = checkpoint.resolve(path_or_run)
-    saved = checkpoint.load(path, map_location="cpu")
+    saved = checkpoint.load(path)
     if saved["stage"] != stage:
         found = saved["stage"]
         message = f"this is the {found} stage's checkpoint; the {stage} stage's is needed"

@@ -12,14 +12,31 @@ import sys
 
 from oasis_ldm.checkpoint import CheckpointError
 from oasis_ldm.config import ConfigError, load_config, presets
+from oasis_ldm.data.schema import SchemaError
+from oasis_ldm.distributed import DeviceError, PeerError
 from oasis_ldm.train.loop import NonFiniteLossError, train
-from oasis_ldm.train.rundir import RunDirError
+from oasis_ldm.train.order import BatchError
+from oasis_ldm.train.preflight import StartError
+
+# Errors whose message is the whole story: printed as one line, no traceback.
+USER_ERRORS = (
+    ConfigError,
+    StartError,
+    CheckpointError,
+    NonFiniteLossError,
+    SchemaError,
+    BatchError,
+    DeviceError,
+    PeerError,
+    FileNotFoundError,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m oasis_ldm.train",
         description="Train the autoencoder (vae) or the latent diffusion U-Net (ldm); resumes RUN_DIR if it exists.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--stage", required=True, choices=("vae", "ldm"), help="which model to train")
     p.add_argument("--config", default="oasis256", help=f"a preset ({', '.join(presets())}) or a YAML file")
@@ -40,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, stage=args.stage)
         train(args.stage, cfg, args.run_dir)
-    except (ConfigError, RunDirError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
-        print(f"oasis_ldm.train: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"oasis_ldm.train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:  # before the loop took over Ctrl-C: nothing was trained or written
+        print("oasis_ldm.train: interrupted while starting", file=sys.stderr)
+        return 130
     return 0
 
 

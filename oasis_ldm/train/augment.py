@@ -1,9 +1,10 @@
 """Batch augmentation on the training device, with parameters drawn by the global-batch rule.
 
-Parameters are drawn on the CPU for the step's whole batch from the step's generator and
-sliced to this micro-batch's rows on this rank (see order.py), so the augmentation of a
-sample depends on (seed, step, its position in the step's batch) alone: not on the number
-of ranks, the accumulation steps, the data workers, or whether the run was resumed.
+Parameters are drawn on the training device for the step's whole batch from the step's
+generator (like every other draw of a step: nothing is copied from pageable host memory per
+micro-batch) and sliced to this micro-batch's rows on this rank (see order.py), so the
+augmentation of a sample depends on (seed, step, its position in the step's batch) alone: not
+on the number of ranks, the accumulation rounds, the data workers, or a resume.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ AUGMENT = 10  # the `purpose` id of augmentation draws
 
 def global_params(n: int, height: int, width: int, mode: str, ctx: StepContext) -> AugmentParams:
     """Parameters drawn for the step's whole batch; this micro-batch's rows on this rank."""
-    gen = ctx.generator(AUGMENT, torch.device("cpu"))
+    gen = ctx.generator(AUGMENT)
     params = sample_params(ctx.step_rows(n), height, width, mode, gen)
     return dataclasses.replace(
         params,

@@ -54,8 +54,13 @@ class StepContext:
         return self.mine(torch.randint(0, high, (self.step_rows(n),), generator=gen, device=self.env.device))
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.bf16 and self.env.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on CUDA and on the CPU alike, so CPU runs take the same code as GPU runs.
+
+        What must stay fp32 leaves it itself: the SSIM loss (losses.py), the posterior's
+        moments (DiagonalGaussian), the frozen encoder of the ldm stage (not run under it).
+        """
+        if self.bf16:
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 

@@ -4,9 +4,10 @@ Encoding every batch with the frozen VAE costs a forward pass of the autoencoder
 the cache pays it once. It stores the posterior's mean and standard deviation (float16),
 not a sample, so each epoch still draws fresh posterior samples as on-the-fly encoding does.
 Ranks encode interleaved rows (r, r + W, ...) into part files and rank 0 merges them, so
-building it is symmetric work that scales with the ranks. It lives in RUN_DIR and
-is rebuilt (identically) if deleted; geometric augmentation in latent space is limited to
-horizontal flips.
+building it is symmetric work that scales with the ranks. It lives in RUN_DIR, records what
+made it (the autoencoder's checksum, the data file, split and size) and is rebuilt
+(identically) when deleted or made by something else; rank 0 decides, so all ranks agree.
+Geometric augmentation in latent space is limited to horizontal flips.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.transforms import to_float
-from oasis_ldm.distributed import DistEnv, barrier
+from oasis_ldm.distributed import DistEnv, barrier, on_rank0
 from oasis_ldm.models import AutoencoderKL
 
 ENCODE_BATCH = 32
@@ -45,29 +46,52 @@ def _encode_part(path: Path, images: OasisH5Dataset, vae: AutoencoderKL, env: Di
             std_ds[i : i + len(std)] = std
 
 
-def _merge(parts: list[Path], out: Path, n: int) -> None:
+def _merge(parts: list[Path], out: Path, n: int, made_by: dict[str, str | int]) -> None:
     """Interleave the parts back into row order: part r holds rows r, r + W, r + 2W, ..."""
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial{os.getpid()}")
     world = len(parts)
-    with h5py.File(tmp, "w") as dst:
-        for rank, part in enumerate(parts):
-            with h5py.File(part, "r") as src:
-                for key in ("mean", "std"):
-                    if key not in dst:
-                        dst.create_dataset(key, (n, *src[key].shape[1:]), dtype=np.float16)
-                    dst[key][rank::world] = src[key][:]
-    os.replace(tmp, out)
+    try:
+        with h5py.File(tmp, "w") as dst:
+            dst.attrs.update(made_by)
+            for rank, part in enumerate(parts):
+                with h5py.File(part, "r") as src:
+                    for key in ("mean", "std"):
+                        if key not in dst:
+                            dst.create_dataset(key, (n, *src[key].shape[1:]), dtype=np.float16)
+                        dst[key][rank::world] = src[key][:]
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def build_latent_cache(out: Path, images: OasisH5Dataset, vae: AutoencoderKL, env: DistEnv) -> Path:
-    """Every rank calls this together; returns the cache path once it is complete."""
-    if not out.exists():
+def fingerprint(images: OasisH5Dataset, made_by: dict[str, str]) -> dict[str, str | int]:
+    """What the cache's content depends on, stored as its attributes."""
+    return {**made_by, "split": images.split, "image_size": int(images.size[0]), "rows": len(images)}
+
+
+def is_current(path: Path, expected: dict[str, str | int]) -> bool:
+    """The cache exists, opens, and was made from these images by this autoencoder."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            complete = all(k in f and len(f[k]) == expected["rows"] for k in ("mean", "std"))
+    except (OSError, KeyError):
+        return False
+    return complete and all(attrs.get(k) == v for k, v in expected.items())
+
+
+def build_latent_cache(
+    out: Path, images: OasisH5Dataset, vae: AutoencoderKL, env: DistEnv, made_by: dict[str, str]
+) -> Path:
+    """Every rank calls this together; returns the cache path once it is complete and current."""
+    expected = fingerprint(images, made_by)
+    if not on_rank0(lambda: is_current(out, expected)):
         part = out.with_name(f"{out.stem}.part{env.rank}.h5")
         _encode_part(part, images, vae, env)
         barrier()
         if env.is_main:
             parts = [out.with_name(f"{out.stem}.part{r}.h5") for r in range(env.world_size)]
-            _merge(parts, out, len(images))
+            _merge(parts, out, len(images), expected)
             for p in parts:
                 p.unlink()
     barrier()

@@ -29,6 +29,7 @@ from oasis_ldm.train.latent_cache import LatentDataset, build_latent_cache
 
 POSTERIOR_NOISE, TIMESTEPS, DIFFUSION_NOISE = 1, 2, 3
 LOG_SEED = 1234  # fixed noise for the logged samples, so grids are comparable across steps
+SCALE_CHUNK = 32  # slices encoded at once when measuring the scale factor
 
 
 class LDMStage:
@@ -43,10 +44,7 @@ class LDMStage:
         self.vae_sha256 = checkpoint.file_sha256(self.vae_path)
         self.vae, vae_meta = load_frozen_vae(self.vae_path, env.device)
         self.vae_cfg = vae_meta["config"]
-        f = self.vae.factor
-        self.latent_size = cfg.data.image_size // f
-        if cfg.data.image_size % f or self.latent_size % 8:
-            raise ValueError(f"data.image_size={cfg.data.image_size}: the latent (/{f}) must be divisible by 8")
+        self.latent_size = cfg.data.image_size // self.vae.factor  # preflight checked that it fits the U-Net
         unet = UNet(cfg.unet, in_channels=self.vae.latent_channels).to(env.device)
         self.models: dict[str, nn.Module] = {"unet": unet}
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(env.device)
@@ -63,7 +61,8 @@ class LDMStage:
         """Images, or the latent cache (built on first use; every rank gets here together)."""
         if self._dataset is None:
             if self.cfg.ldm.latent_cache:
-                path = build_latent_cache(self.run_dir / "latents.h5", self.images, self.vae, self.env)
+                made_by = {"vae_sha256": self.vae_sha256, "data_path": str(Path(self.cfg.data.path).resolve())}
+                path = build_latent_cache(self.run_dir / "latents.h5", self.images, self.vae, self.env, made_by)
                 self._dataset = LatentDataset(path)
             else:
                 self._dataset = self.images
@@ -81,28 +80,36 @@ class LDMStage:
 
     @torch.no_grad()
     def measure_scale_factor(self) -> float:
-        """1 / std of posterior samples over `ldm.scale_batches` batches of a fixed sample."""
-        n = min(len(self.images), self.cfg.ldm.scale_batches * self.cfg.train.batch_size)
+        """1 / std of posterior samples of a fixed set of `ldm.scale_samples` training slices.
+
+        Fixed rows, encoded in fixed chunks with fixed noise: the factor depends on neither
+        the number of ranks nor the batch size, so neither does the model trained with it.
+        """
+        n = min(len(self.images), self.cfg.ldm.scale_samples)
         gen = torch.Generator().manual_seed(self.cfg.train.seed)
         rows = torch.randperm(len(self.images), generator=gen)[:n].sort().values.tolist()
         dev_gen = make_generator(self.env.device, self.cfg.train.seed, 0x5CA1E)
         latents = []
-        for i in range(0, n, self.cfg.train.batch_size):
-            x = self.images.read_raw(rows[i : i + self.cfg.train.batch_size]).to(self.env.device)
+        for i in range(0, n, SCALE_CHUNK):
+            x = self.images.read_raw(rows[i : i + SCALE_CHUNK]).to(self.env.device)
             posterior = self.vae.encode(to_float(x))
             noise = torch.randn(posterior.mean.shape, generator=dev_gen, device=self.env.device)
             latents.append((posterior.mean + posterior.std * noise).double().flatten())
         return 1.0 / torch.cat(latents).std().item()
 
     def latents(self, batch: Any, ctx: StepContext) -> torch.Tensor:
-        """Scaled posterior samples z * scale for this micro-batch."""
+        """Scaled posterior samples z * scale for this micro-batch.
+
+        The frozen encoder runs in fp32 even in a bf16 run: its latents are the data the
+        U-Net learns, and the scale factor and the latent cache are measured in fp32 too.
+        """
         if self.cfg.ldm.latent_cache:
             mean, std = (t.to(self.env.device, non_blocking=True).float() for t in batch)
             z = mean + std * ctx.randn(tuple(mean.shape), POSTERIOR_NOISE)
             z = flip_latents(z, self.cfg.data.augment, ctx)
         else:
             x = prepare_images(batch, self.cfg.data.augment, ctx)
-            with torch.no_grad(), ctx.autocast():
+            with torch.no_grad():
                 posterior = self.vae.encode(x)
             mean, std = posterior.mean.float(), posterior.std.float()
             z = mean + std * ctx.randn(tuple(mean.shape), POSTERIOR_NOISE)

@@ -3,20 +3,22 @@
 The loop owns everything that is the same for the autoencoder and the diffusion model; a
 stage (vae_stage.py, ldm_stage.py) owns its models, data and losses. Every rank runs the
 same sequence of collectives in the same order, so rank-0-only work (checkpoints, logging)
-never leaves other ranks waiting inside a collective for long.
+never leaves other ranks waiting inside a collective for long, and decisions all ranks must
+share (the lock, which checkpoint to resume) are made on rank 0 and broadcast.
+
+A start writes nothing until every check has passed (preflight.py), so a failed start never
+blocks its corrected rerun.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -24,11 +26,23 @@ from torch.utils.data import DataLoader
 
 from oasis_ldm import __version__, checkpoint
 from oasis_ldm.config import Config, to_dict
-from oasis_ldm.distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier, cleanup, init_distributed
-from oasis_ldm.train import rundir
+from oasis_ldm.distributed import (
+    DistEnv,
+    all_reduce_max,
+    all_reduce_mean,
+    barrier,
+    broadcast_bytes,
+    cleanup,
+    init_distributed,
+    on_every_rank,
+    on_rank0,
+)
+from oasis_ldm.threads import configure_threads
+from oasis_ldm.train import preflight, rundir
 from oasis_ldm.train.context import Stage, StepContext
 from oasis_ldm.train.ema import EMA
-from oasis_ldm.train.order import ResumableSampler
+from oasis_ldm.train.lock import RunLock
+from oasis_ldm.train.order import BatchPlan, ResumableSampler, plan_batches
 from oasis_ldm.train.signals import StopRequest
 from oasis_ldm.train.tblog import TrainLogger
 
@@ -41,7 +55,12 @@ class NonFiniteLossError(RuntimeError):
 class Position:
     step: int = 0  # optimizer steps completed
     epoch: int = 0
-    batch_in_epoch: int = 0  # global micro-batches of `epoch` already consumed
+    samples_in_epoch: int = 0  # global samples of `epoch` already consumed (a step boundary)
+
+
+def say(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        print(f"[oasis-ldm] {message}", flush=True)
 
 
 def build_stage(name: str, cfg: Config, env: DistEnv, run_dir: Path) -> Stage:
@@ -58,22 +77,122 @@ def build_stage(name: str, cfg: Config, env: DistEnv, run_dir: Path) -> Stage:
 
 def train(stage: str, cfg: Config, run_dir: str | Path) -> int:
     """Train `stage` in `run_dir`, resuming from its last checkpoint; returns the final step."""
+    threads = configure_threads()
     env = init_distributed(cfg.train.device)
     try:
-        return _train(stage, cfg, Path(run_dir), env)
+        return _train(stage, cfg, Path(run_dir), env, threads)
     finally:
         cleanup()
 
 
-def _train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv) -> int:
-    rundir.check(run_dir, cfg, stage_name)
-    barrier()
-    if env.is_main:
-        rundir.record(run_dir, cfg, stage_name, env.world_size)
-    barrier()
+def _train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: int) -> int:
+    on_every_rank(lambda: preflight.check_start(stage_name, cfg, run_dir, world_size=env.world_size))
+    created = not run_dir.exists()
+    lock = RunLock(run_dir) if env.is_main else None
+    note = on_rank0(lambda: lock.acquire())
+    if note:
+        say(env, note)
+    try:
+        return _locked_train(stage_name, cfg, run_dir, env, threads)
+    finally:
+        if lock is not None:
+            lock.release()
+            if created and not (run_dir / "run.json").exists():
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()  # a failed first start leaves no empty run directory behind
+
+
+def _locked_train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: int) -> int:
+    plan = plan_batches(cfg.train.batch_size, env.world_size, cfg.train.micro_batch)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    stage = build_stage(stage_name, cfg, env, run_dir)
-    optimizers = {
+    stage = on_every_rank(lambda: build_stage(stage_name, cfg, env, run_dir))
+    optimizers = make_optimizers(stage, cfg)
+    ema = EMA(stage.models[stage.main], cfg.train.ema_decay)
+    found = resume_point(run_dir / "checkpoints", env)
+    changes: list[preflight.Change] = []
+    replaced: list[preflight.Change] = []
+    if found is None:
+        pos = Position()
+        replaced = on_rank0(lambda: fresh_start(run_dir, cfg, env))
+    else:
+        if found.note:
+            say(env, f"warning: {found.note}")
+        changes = on_every_rank(lambda: resume_changes(found.state, cfg, run_dir))
+        pos = restore(found.state, stage, optimizers, ema)
+        say(env, f"resumed {stage_name} from step {pos.step} of {found.path.name}")
+        del found
+    if pos.step >= cfg.train.max_steps:
+        say(env, f"{stage_name}: already at step {pos.step} (train.max_steps={cfg.train.max_steps}); nothing to do")
+        return pos.step
+    if pos.step == 0:
+        stage.initialise()
+    if env.is_main:
+        rundir.record(
+            run_dir, cfg, stage_name, world_size=env.world_size, step=pos.step, threads=threads,
+            changes=changes, replaced=replaced,
+        )  # fmt: skip
+    say(env, f"{stage_name}: {run_dir} | {plan.describe()} | steps {pos.step + 1}..{cfg.train.max_steps}")
+    wrapped = wrap_models(stage.models, env, cfg)
+    logger = TrainLogger(run_dir, enabled=env.is_main, first_step=pos.step + 1, max_steps=cfg.train.max_steps)
+    for change in changes:
+        say(env, f"from step {pos.step + 1}: {change}")
+    logger.config_changes(pos.step + 1, changes)
+    stop = StopRequest().install()
+    try:
+        run_steps(stage, wrapped, optimizers, ema, pos, plan, cfg, env, run_dir, logger, stop)
+    finally:
+        stop.restore()
+        logger.close()
+    return pos.step
+
+
+def fresh_start(run_dir: Path, cfg: Config, env: DistEnv) -> list[preflight.Change]:
+    """Rank 0, no checkpoint to resume: say what an earlier run left and clear its outputs.
+
+    Returns how this config differs from the one the directory held (recorded in run.json).
+    """
+    stale = rundir.stale_outputs(run_dir)
+    if stale:
+        say(env, f"{run_dir} holds no checkpoint: starting at step 1 and removing {len(stale)} old outputs "
+                 "(TensorBoard events, image grids) of the run that was there")  # fmt: skip
+        rundir.purge(stale)
+    old = preflight.saved_config(run_dir)
+    if old is None:
+        return []
+    allowed, refused = preflight.config_changes(old, to_dict(cfg))
+    return allowed + refused
+
+
+def resume_point(ckpt_dir: Path, env: DistEnv) -> checkpoint.Found | None:
+    """The checkpoint to resume: rank 0 chooses and reads it, every rank gets its bytes.
+
+    One reader: a read glitch on one node can no longer send the ranks to different steps.
+    """
+    mine: list[checkpoint.Found | None] = [None]
+
+    def choose() -> str | None:
+        mine[0] = checkpoint.find_latest(ckpt_dir)
+        return None if mine[0] is None else mine[0].path.name
+
+    name = on_rank0(choose)
+    if name is None:
+        return None
+    data = broadcast_bytes(mine[0].data if env.is_main else None)
+    if env.is_main:
+        return mine[0]
+    path = ckpt_dir / name
+    return checkpoint.Found(path, data, checkpoint.parse(data, path))
+
+
+def resume_changes(saved: dict[str, Any], cfg: Config, run_dir: Path) -> list[preflight.Change]:
+    """The checkpoint's own config decides what this resume may change (config.yaml may be gone)."""
+    allowed, refused = preflight.config_changes(saved["config"], to_dict(cfg))
+    preflight.refuse_changes(run_dir, refused)
+    return allowed
+
+
+def make_optimizers(stage: Stage, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    return {
         name: torch.optim.AdamW(
             model.parameters(),
             lr=stage.lr(name),
@@ -82,24 +201,6 @@ def _train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv) -> int:
         )
         for name, model in stage.models.items()
     }
-    ema = EMA(stage.models[stage.main], cfg.train.ema_decay)
-    pos = Position()
-    saved = checkpoint.load_latest(run_dir / "checkpoints", map_location=env.device)
-    if saved is None:
-        stage.initialise()
-    else:
-        pos = restore(saved, stage, optimizers, ema)
-        if env.is_main:
-            print(f"[oasis-ldm] resumed {stage_name} from step {pos.step} (epoch {pos.epoch})", flush=True)
-    wrapped = wrap_models(stage.models, env, cfg)
-    logger = TrainLogger(run_dir, enabled=env.is_main, first_step=pos.step + 1, max_steps=cfg.train.max_steps)
-    stop = StopRequest().install()
-    try:
-        run_steps(stage, wrapped, optimizers, ema, pos, cfg, env, run_dir, logger, stop)
-    finally:
-        stop.restore()
-        logger.close()
-    return pos.step
 
 
 def wrap_models(models: dict[str, nn.Module], env: DistEnv, cfg: Config) -> dict[str, nn.Module]:
@@ -117,12 +218,12 @@ def wrap_models(models: dict[str, nn.Module], env: DistEnv, cfg: Config) -> dict
     return wrapped
 
 
-def make_loader(stage: Stage, cfg: Config, env: DistEnv) -> tuple[DataLoader, ResumableSampler]:
-    sampler = ResumableSampler(len(stage.dataset), cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
+def make_loader(stage: Stage, plan: BatchPlan, cfg: Config, env: DistEnv) -> tuple[DataLoader, ResumableSampler]:
+    sampler = ResumableSampler(len(stage.dataset), plan, env.rank, cfg.train.seed)
     workers = cfg.data.num_workers
     loader = DataLoader(
         stage.dataset,
-        batch_size=cfg.train.batch_size,
+        batch_size=plan.micro,
         sampler=sampler,
         num_workers=workers,
         pin_memory=env.device.type == "cuda",
@@ -132,14 +233,14 @@ def make_loader(stage: Stage, cfg: Config, env: DistEnv) -> tuple[DataLoader, Re
     return loader, sampler
 
 
-def micro_batches(loader: DataLoader, sampler: ResumableSampler, pos: Position) -> Iterator[Any]:
-    """Endless micro-batches from the saved position, keeping `pos` up to date."""
+def micro_batches(loader: DataLoader, sampler: ResumableSampler, pos: Position, plan: BatchPlan) -> Iterator[Any]:
+    """Endless micro-batches from the saved position, keeping `pos` (in global samples) up to date."""
     while True:
-        sampler.set_epoch(pos.epoch, pos.batch_in_epoch)
+        sampler.set_epoch(pos.epoch, pos.samples_in_epoch)
         for batch in loader:
-            pos.batch_in_epoch += 1
+            pos.samples_in_epoch += plan.round_rows
             yield batch
-        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
 
 
 def set_lr(optimizers: dict[str, torch.optim.Optimizer], stage: Stage, step: int, warmup: int) -> float:
@@ -156,43 +257,44 @@ def train_step(
     optimizers: dict[str, torch.optim.Optimizer],
     batches: Iterator[Any],
     step: int,
+    plan: BatchPlan,
     cfg: Config,
     env: DistEnv,
     stop: StopRequest,
 ) -> tuple[dict[str, torch.Tensor], bool]:
-    """Forward/backward over the micro-batches, guard, clip and update; returns (logs, stop?)."""
-    accum = cfg.train.grad_accum
+    """Forward/backward over the rounds, guard, clip and update; returns (logs, stop?)."""
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     terms: dict[str, torch.Tensor] = {}
-    for micro in range(accum):
-        ctx = StepContext(step, micro, accum, env, cfg.train.seed, cfg.train.precision == "bf16")
-        sync = micro == accum - 1
+    for micro in range(plan.rounds):
+        ctx = StepContext(step, micro, plan.rounds, env, cfg.train.seed, cfg.train.precision == "bf16")
         with contextlib.ExitStack() as stack:
-            if not sync:
+            if micro < plan.rounds - 1:  # gradients are all-reduced once, in the last round
                 for model in wrapped.values():
                     if hasattr(model, "no_sync"):
                         stack.enter_context(model.no_sync())
             logs = stage.backward(wrapped, next(batches), ctx)
         for k, v in logs.items():
-            terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
+            terms[k] = terms.get(k, 0.0) + v.detach().float() / plan.rounds
     norms = {}
     for name, opt in optimizers.items():
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if params:
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
             norms[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(params, clip).detach()
+    # The guard's flags are built on the device and read back once: one host sync per step.
     finite = torch.stack([torch.isfinite(v).all() for v in [*terms.values(), *norms.values()]]).all()
-    flags = all_reduce_max(torch.tensor([float(not finite), float(stop.requested)], device=env.device))
-    if flags[0] > 0:
-        bad = ", ".join(k for k, v in {**terms, **norms}.items() if not torch.isfinite(v).all()) or "another rank"
+    asked = torch.full((), float(stop.requested), device=finite.device)
+    bad, stop_now = all_reduce_max(torch.stack([(~finite).float(), asked])).tolist()
+    if bad > 0:
+        found = ", ".join(k for k, v in {**terms, **norms}.items() if not torch.isfinite(v).all()) or "another rank"
         raise NonFiniteLossError(
-            f"step {step}: non-finite values in {bad}; stopping before the update "
-            "(the last checkpoint is untouched; lower train.lr or check the data)"
+            f"step {step}: non-finite values in {found}; stopping before the update (the last checkpoint is "
+            "untouched; resume with a lower rate, e.g. --set train.lr=..., or check the data)"
         )
     for opt in optimizers.values():
         opt.step()
-    return {**terms, **norms}, bool(flags[1] > 0)
+    return {**terms, **norms}, stop_now > 0
 
 
 def run_steps(
@@ -201,6 +303,7 @@ def run_steps(
     optimizers: dict[str, torch.optim.Optimizer],
     ema: EMA,
     pos: Position,
+    plan: BatchPlan,
     cfg: Config,
     env: DistEnv,
     run_dir: Path,
@@ -208,31 +311,34 @@ def run_steps(
     stop: StopRequest,
 ) -> None:
     t = cfg.train
-    loader, sampler = make_loader(stage, cfg, env)
-    batches = micro_batches(loader, sampler, pos)
+    loader, sampler = make_loader(stage, plan, cfg, env)
+    batches = micro_batches(loader, sampler, pos, plan)
     meter = Meter()
     for model in wrapped.values():
         model.train()
     while pos.step < t.max_steps:
         step = pos.step + 1
         lr_factor = set_lr(optimizers, stage, step, t.warmup_steps)
-        logs, stop_now = train_step(stage, wrapped, optimizers, batches, step, cfg, env, stop)
+        logs, stop_now = train_step(stage, wrapped, optimizers, batches, step, plan, cfg, env, stop)
         ema.update(stage.models[stage.main])
         pos.step = step
-        meter.add(logs, t.batch_size * t.grad_accum * env.world_size)
-        if step % t.log_every == 0 or step == t.max_steps:
+        meter.add(logs, plan.global_batch)
+        last = step == t.max_steps
+        if step % t.log_every == 0 or last:
             report = meter.report(env)
             report["train/lr"] = stage.lr(stage.main) * lr_factor
-            report["train/epoch"] = pos.epoch + pos.batch_in_epoch / max(1, sampler.batches_per_epoch())
+            report["train/epoch"] = pos.epoch + pos.samples_in_epoch / sampler.samples_per_epoch()
             if env.device.type == "cuda":
                 report["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             logger.scalars(step, report)
             logger.console(step, report)
-        if step % t.image_every == 0 or step == t.max_steps:
+        if step % t.image_every == 0 or last:
             stage.log_images(ema.model, logger, step)
-        if stop_now or step % t.ckpt_every == 0 or step == t.max_steps:
+        if stop_now or step % t.ckpt_every == 0 or last:
             logger.flush()  # events up to a checkpoint survive a kill: a resume leaves no gap
-            save(run_dir, stage, optimizers, ema, pos, cfg, env)
+            save(run_dir, stage, optimizers, ema, pos, plan, cfg, env)
+            if stop_now or last:
+                say(env, f"saved last.pt at step {step}")
         if stop_now:
             logger.close()
             stop.finish()
@@ -271,51 +377,33 @@ class Meter:
         return out
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    random.setstate(_tuples(state["python"]))
-
-
-def _tuples(value: Any) -> Any:
-    """weights_only loading gives lists where random.setstate wants tuples."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def save(
     run_dir: Path,
     stage: Stage,
     optimizers: dict[str, torch.optim.Optimizer],
     ema: EMA,
     pos: Position,
+    plan: BatchPlan,
     cfg: Config,
     env: DistEnv,
 ) -> None:
-    """Rank 0 writes last.pt (and a snapshot when due); every rank waits for it."""
+    """Rank 0 writes last.pt (and a snapshot when due); every rank waits for it.
+
+    No RNG state is stored: every random number of a step comes from a generator seeded by
+    (seed, step, stream) (context.py, order.py), initial weights from torch.manual_seed(seed),
+    and data workers draw nothing, so a resume needs none, whatever GPUs it runs on.
+    """
     if env.is_main:
         state = {
             "stage": stage.name,
             "step": pos.step,
             "epoch": pos.epoch,
-            "batch_in_epoch": pos.batch_in_epoch,
+            "samples_in_epoch": pos.samples_in_epoch,
+            "batch_size": plan.global_batch,
             "config": to_dict(cfg),
             "models": {k: m.state_dict() for k, m in stage.models.items()},
             "ema": ema.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "rng": _rng_state(),
             "extra": stage.state(),
             "version": __version__,
             "world_size": env.world_size,
@@ -329,6 +417,7 @@ def save(
 
 
 def restore(saved: dict[str, Any], stage: Stage, optimizers: dict[str, torch.optim.Optimizer], ema: EMA) -> Position:
+    """Load a CPU checkpoint into models and optimizers that live on the training device."""
     if saved["stage"] != stage.name:
         raise checkpoint.CheckpointError(f"the run directory holds a {saved['stage']} checkpoint, not {stage.name}")
     for name, model in stage.models.items():
@@ -336,8 +425,7 @@ def restore(saved: dict[str, Any], stage: Stage, optimizers: dict[str, torch.opt
         optimizers[name].load_state_dict(saved["optimizers"][name])
     ema.load_state_dict(saved["ema"])
     stage.load_state(saved["extra"])
-    _set_rng_state(saved["rng"])
-    return Position(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"])
+    return Position(step=saved["step"], epoch=saved["epoch"], samples_in_epoch=saved["samples_in_epoch"])
 
 
 def _flat_hparams(cfg: Config) -> dict[str, Any]:

@@ -1,9 +1,9 @@
-"""The run directory: resolved config, provenance, and a guard against mixing runs.
+"""The run directory's provenance: the resolved config, the history of starts, stale outputs.
 
-RUN_DIR/config.yaml is the resolved config of the run and RUN_DIR/run.json says what
-made it (stage, package version, git revision, world size). A restart into an existing run
-directory must train the same model: a changed config is refused with the keys that differ,
-except `train.max_steps`, which may grow to extend a finished run.
+RUN_DIR/config.yaml is the config of the run as it now trains, and RUN_DIR/run.json says what
+made it: every start (first run, restart, requeue) appends its version, git revision, world
+size, host and job id, and the config changes it made (`preflight.MAY_CHANGE`), with the step
+they took effect at. Only rank 0 writes here, after every check has passed (preflight.py).
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 from oasis_ldm import __version__
-from oasis_ldm.config import Config, dump_yaml, to_dict
-
-MAY_CHANGE = {("train", "max_steps")}
+from oasis_ldm.config import Config, dump_yaml
+from oasis_ldm.train.preflight import Change
 
 
 def git_revision() -> str:
@@ -43,63 +41,64 @@ def git_revision() -> str:
     return rev + ("-dirty" if dirty else "")
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    diffs = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section, {}), new.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if (section, key) not in MAY_CHANGE and a.get(key) != b.get(key):
-                diffs.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return diffs
-
-
-class RunDirError(RuntimeError):
-    pass
-
-
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def check(run_dir: Path, cfg: Config, stage: str) -> None:
-    """Refuse to resume a run directory that holds another stage or another config.
-
-    Every rank calls this before rank 0 writes anything, so all ranks fail alike.
-    """
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        with open(saved, encoding="utf-8") as f:
-            old = yaml.safe_load(f) or {}
-        diffs = config_differences(old, to_dict(cfg))
-        if diffs:
-            raise RunDirError(f"{run_dir} holds a run with another config: " + "; ".join(diffs))
-    run_json = run_dir / "run.json"
-    if run_json.exists():
-        recorded = json.loads(run_json.read_text()).get("stage", stage)
-        if recorded != stage:
-            raise RunDirError(f"{run_dir} holds a {recorded} run, not a {stage} run")
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
-def record(run_dir: Path, cfg: Config, stage: str, world_size: int) -> None:
-    """Rank 0: write the resolved config and append this start to run.json.
+def record(
+    run_dir: Path,
+    cfg: Config,
+    stage: str,
+    *,
+    world_size: int,
+    step: int,
+    threads: int,
+    changes: list[Change] = (),
+    replaced: list[Change] = (),
+) -> None:
+    """Write the resolved config and append this start to run.json.
 
-    Every start (first run, restart, requeue) appends an entry, so a run keeps its history.
+    `changes`: the keys a resume changed (they take effect at step + 1); `replaced`: how this
+    fresh start's config differs from the one a run directory without checkpoints held.
     """
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     run_json = run_dir / "run.json"
-    info = json.loads(run_json.read_text()) if run_json.exists() else {"stage": stage, "starts": []}
-    info["starts"].append(
-        {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "version": __version__,
-            "git_revision": git_revision(),
-            "world_size": world_size,
-            "host": socket.gethostname(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "command": sys.argv,
-        }
-    )
+    info = json.loads(run_json.read_text()) if run_json.exists() else {"starts": []}
+    info["stage"] = stage
+    start = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "version": __version__,
+        "git_revision": git_revision(),
+        "world_size": world_size,
+        "torch_threads": threads,
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "from_step": step,
+        "command": sys.argv,
+    }
+    for name, items in (("config_changes", changes), ("config_replaced", replaced)):
+        if items:
+            start[name] = [{"key": c.key, "old": _plain(c.old), "new": _plain(c.new)} for c in items]
+    info["starts"].append(start)
     _write_atomic(run_json, json.dumps(info, indent=2) + "\n")
+
+
+def stale_outputs(run_dir: Path) -> list[Path]:
+    """TensorBoard events and image grids of an earlier run whose checkpoints are gone."""
+    found = [p for p in (run_dir / "tb").glob("**/events.out.tfevents.*") if p.is_file()]
+    return found + sorted((run_dir / "images").glob("*.png"))
+
+
+def purge(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

@@ -56,6 +56,12 @@ class TrainLogger:
         parts = " | ".join(f"{k.removeprefix('loss/').removeprefix('train/')} {_fmt(v)}" for k, v in values.items())
         print(f"step {step:>7}/{self.max_steps} | {parts} | eta {_duration(eta)}", flush=True)
 
+    def config_changes(self, step: int, changes: list) -> None:
+        """A resume's config changes, as text at the step they take effect (TEXT tab)."""
+        if self.writer and changes:
+            lines = "\n".join(f"- `{c}`" for c in changes)
+            self.writer.add_text("config/changes", f"from step {step}:\n{lines}", step)
+
     def hparams(self, hparams: dict[str, float | int | str | bool], metrics: dict[str, float]) -> None:
         if self.writer:
             self.writer.add_hparams(hparams, metrics, run_name=".")

@@ -1,0 +1,173 @@
+"""One trainer per run directory: a lock file with its holder and a heartbeat, safe on NFS.
+
+Two trainers on one run directory would both write last.pt and TensorBoard events, and the
+second would resume from the first's checkpoint mid-run. So rank 0 of a trainer holds
+RUN_DIR/lock: a JSON file naming its host, pid and SLURM job, created with O_EXCL (atomic on
+local disks and on NFSv3 and later, unlike fcntl locks, which need a lock daemon on NFS) and
+rewritten every `HEARTBEAT_S` seconds by a daemon thread. A start finding the lock held is
+refused in one line naming the holder, unless the holder is gone:
+- the same SLURM job id: this is that job requeued (preempted, timed out, or a node lost);
+- the same host and its pid is no longer running (SIGKILL, an OOM kill, a crash);
+- no heartbeat for `STALE_AFTER_S` seconds (a lost node, a process frozen for good).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from oasis_ldm.train.preflight import StartError
+
+LOCK_NAME = "lock"
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 60.0
+
+
+def _job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def describe(holder: dict[str, Any]) -> str:
+    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return f"host {holder.get('host')} pid {holder.get('pid')}{job}"
+
+
+def gone_because(holder: dict[str, Any], now: float) -> str | None:
+    """Why the lock's holder no longer runs, or None when it may still be training."""
+    if holder.get("slurm_job_id") and holder.get("slurm_job_id") == _job_id():
+        return "it is this SLURM job's earlier run (requeued)"
+    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
+        return "its process is gone"
+    age = now - float(holder.get("heartbeat", 0.0))
+    if age > STALE_AFTER_S:
+        return f"no heartbeat for {age:.0f} s"
+    return None
+
+
+class RunLock:
+    """Exclusive hold of a run directory by this process (rank 0 of a trainer)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _content(self, started: float) -> str:
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": _job_id(),
+            "started": started,
+            "heartbeat": time.time(),
+            "token": self.token,
+        }
+        return json.dumps(holder) + "\n"
+
+    def _read(self) -> dict[str, Any] | None:
+        """The holder's record; None when unreadable (a holder killed while creating it)."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def acquire(self) -> str | None:
+        """Take the lock or raise StartError naming its holder; returns a note when one was taken over."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        note = None
+        for _ in range(5):
+            started = time.time()
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                note = self._take_over_if_gone() or note
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self._content(started))
+                f.flush()
+                os.fsync(f.fileno())
+            self._start_heartbeat(started)
+            return note
+        raise StartError(f"{self.path}: could not take the lock (it keeps changing hands)")
+
+    def _take_over_if_gone(self) -> str | None:
+        try:
+            holder = self._read()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None  # released meanwhile: try again
+        now = time.time()
+        if holder is None:
+            if age <= STALE_AFTER_S:
+                raise StartError(f"{self.path.parent} is being started by another trainer (lock file being written)")
+            reason, who = f"an unreadable lock file untouched for {age:.0f} s", "an unknown holder"
+        else:
+            reason, who = gone_because(holder, now), describe(holder)
+            if reason is None:
+                beat = now - float(holder.get("heartbeat", now))
+                raise StartError(
+                    f"{self.path.parent} is in use by {who} (heartbeat {beat:.0f} s ago): wait for it or stop it; "
+                    f"if it is gone, its lock expires {STALE_AFTER_S:.0f} s after its last heartbeat "
+                    f"(or delete {self.path})"
+                )
+        # Rename, then delete: of two trainers taking over at once, one rename wins.
+        grave = self.path.with_name(f"{LOCK_NAME}.stale.{socket.gethostname()}.{os.getpid()}")
+        try:
+            os.replace(self.path, grave)
+            grave.unlink(missing_ok=True)
+        except FileNotFoundError:
+            return None
+        return f"took over the lock of {who}: {reason}"
+
+    def _start_heartbeat(self, started: float) -> None:
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                self._rewrite(started)
+
+        self._thread = threading.Thread(target=beat, name="oasis-ldm-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _rewrite(self, started: float) -> None:
+        """A fresh heartbeat, atomically, and only while the lock is still ours."""
+        try:
+            holder = self._read()
+        except FileNotFoundError:
+            return
+        if holder is None or holder.get("token") != self.token:
+            return
+        tmp = self.path.with_name(f".{LOCK_NAME}.tmp.{socket.gethostname()}.{os.getpid()}")
+        try:
+            tmp.write_text(self._content(started))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a missed beat; the next one retries
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            holder = self._read()
+        except FileNotFoundError:
+            return
+        if holder is not None and holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
