@@ -16,7 +16,8 @@ from typing import Any
 import submitit
 
 
-def add_cluster_args(p: argparse.ArgumentParser) -> None:
+def add_cluster_args(p: argparse.ArgumentParser, cpus_help: str = "CPU cores per task (data workers + 1)") -> None:
+    """The cluster flags; `cpus_help` lets a launcher that fills in --cpus-per-task say how."""
     g = p.add_argument_group("cluster")
     g.add_argument(
         "--cluster",
@@ -29,7 +30,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tasks-per-node", type=int, default=None, help="tasks (ranks) per node; default one per GPU, else 1"
     )
-    g.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (data workers + 1)")
+    g.add_argument("--cpus-per-task", type=int, default=None, help=cpus_help)
     g.add_argument("--mem", default=None, help="memory per node, SLURM syntax (e.g. 64G); default: the partition's")
     g.add_argument("--time", type=int, default=60, help="time limit per job in minutes")
     g.add_argument("--partition", default=None, help="SLURM partition")

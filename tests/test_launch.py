@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from conftest import REPO, TINY, quiet_env
 from jobs import job_ids, launch, read_samples, sample_args, saved_step, starts, wait_for
 
 from oasis_ldm import checkpoint
-from oasis_ldm.config import from_dict
+from oasis_ldm.config import TrainConfig, from_dict
 from oasis_ldm.models import build_vae
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -34,11 +35,16 @@ def env() -> dict[str, str]:
 def test_train_runs_one_ddp_job_across_both_nodes(tmp_path, tiny_h5, env):
     run_dir = tmp_path / "run"
     args = ["--stage", "vae", "--config", TINY, "--run-dir", str(run_dir), "--set", f"data.path={tiny_h5}"]
+    # The GPUs SLURM gives a task reach it in CUDA_VISIBLE_DEVICES (here through sbatch's export
+    # of this environment: the nodes have none): each rank must still see them after the
+    # torch.distributed variables are exported, not its local rank in their place.
+    env = {**env, "CUDA_VISIBLE_DEVICES": "2,3"}
     out = launch("train.py", *args, "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--wait", env=env)
     (job_id,) = job_ids(out, "vae training")
     assert f"tensorboard --logdir {run_dir}" in out
     results = submitit.SlurmJob(run_dir / "submitit" / "%j", job_id, tasks=(0, 1)).results()
     assert sorted((r["rank"], r["node"]) for r in results) == [(0, "n1"), (1, "n2")]
+    assert [r["devices"] for r in results] == ["2,3", "2,3"]
     assert {r["world_size"] for r in results} == {2} and {r["step"] for r in results} == {6}
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert saved["world_size"] == 2 and saved["step"] == 6
@@ -142,6 +148,12 @@ def test_dry_run_prints_the_sbatch_flags(tmp_path):
     ]:
         assert line in out.splitlines(), line
     assert out.count("#!/bin/bash") == 2  # vae and ldm
+    # GPU jobs get cores for the loader's workers (demo: none) plus 4; CPU jobs SLURM's default.
+    assert out.splitlines().count("#SBATCH --cpus-per-task=4") == 2
+    vae = ["--stage", "vae", "--config", "demo", "--run-dir", "r", "--dry-run"]
+    assert "--cpus-per-task" not in launch("train.py", *vae, env=quiet_env())
+    workers = launch("train.py", *vae, "--gpus-per-node", "1", "--set", "data.num_workers=6", env=quiet_env())
+    assert "#SBATCH --cpus-per-task=10" in workers.splitlines()
     sample = launch(
         "sample.py",
         "--ckpt",
@@ -161,13 +173,33 @@ def test_dry_run_prints_the_sbatch_flags(tmp_path):
 def test_bad_flags_fail_in_one_line(tmp_path):
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--stage", "vae", "--run-dir", str(tmp_path)]
     out = subprocess.run([*cmd, "--set", "train.bogus=1"], capture_output=True, text=True, env=quiet_env(), cwd=REPO)
-    assert out.returncode == 2 and out.stderr.strip() == "train.py: error: --set: unknown key train.bogus " + (
-        "(known: batch_size, betas, ckpt_every, compile, device, disc_lr, ema_decay, grad_accum, grad_clip, "
-        "image_every, keep_snapshots, log_every, lr, max_steps, num_log_images, precision, seed, snapshot_every, "
-        "warmup_steps, weight_decay)"
-    )
+    known = ", ".join(sorted(f.name for f in dataclasses.fields(TrainConfig)))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"train.py: error: --set: unknown key train.bogus (known: {known})"
     out = subprocess.run([*cmd, "--cluster", "local", "--nodes", "2"], capture_output=True, text=True, env=quiet_env())
     assert out.returncode == 2 and "--nodes 2 needs --cluster slurm" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("stage", "sets", "flags", "message"),
+    [
+        ("all", ["data.path={tmp}/missing.h5"], [], "data.path={tmp}/missing.h5: no such file"),
+        ("ldm", ["data.path={data}", "ldm.vae_ckpt={tmp}/no_vae"], [], "ldm.vae_ckpt={tmp}/no_vae"),
+        ("vae", ["data.path={data}"], ["--tasks-per-node", "3"], "does not split over 3 ranks"),
+    ],
+    ids=["missing-data", "missing-vae", "world-size"],
+)
+def test_a_start_the_trainer_would_refuse_is_never_submitted(tmp_path, tiny_h5, stage, sets, flags, message):
+    """The launcher makes the trainer's start checks: one line, no job, nothing in the run dir."""
+    run_dir = tmp_path / "run"
+    values = {"tmp": tmp_path, "data": tiny_h5}
+    args = ["--stage", stage, "--config", TINY, "--run-dir", str(run_dir), "--cluster", "local", *flags]
+    args += [f"--set={s.format(**values)}" for s in sets]
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=quiet_env(), cwd=REPO, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert len(out.stderr.splitlines()) == 1 and message.format(**values) in out.stderr, out.stderr
+    assert "submitted" not in out.stdout and not run_dir.exists()
 
 
 # --- sampling ---------------------------------------------------------------------------------------
