@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from oasis_ldm.data.oasis import SPLITS
@@ -86,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         result = pack(args.src, args.out, options)
     except (PackError, OSError) as e:
         print(f"pack_h5: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except BrokenProcessPool:
-        print("pack_h5: error: a decoding worker died (out of memory?); try fewer --workers", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("pack_h5: interrupted; nothing written", file=sys.stderr)

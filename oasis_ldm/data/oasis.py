@@ -7,7 +7,8 @@ packer does not depend on the zero-padding of one particular release. Images and
 by (case, slice), never by string.
 
 Everything here only lists and parses names: no pixel is read, so a bad layout is reported
-before anything is written.
+before anything is written. That includes subject leakage: a case number in two of the
+listed splits is refused (OASIS puts each subject in one split only).
 """
 
 from __future__ import annotations
@@ -67,16 +68,32 @@ def parse_name(name: str, pattern: re.Pattern[str] = IMAGE_RE) -> tuple[int, int
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+FILE, FOLDER, DANGLING, SPECIAL = "file", "folder", "dangling symbolic link", "special file"
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """What an entry is, following symbolic links: a link to a PNG is a file like any other."""
+    if entry.is_file():
+        return FILE
+    if entry.is_dir():
+        return FOLDER
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return DANGLING  # its target is gone (or the link loops)
+    return SPECIAL  # a fifo, socket or device
+
+
 def _scan(folder: Path, pattern: re.Pattern[str], example: str) -> dict[tuple[int, int], Path]:
     """Map (case, slice) -> path for every entry of `folder`; hidden files are ignored."""
     with os.scandir(folder) as it:
-        entries = sorted((e.name, e.is_file()) for e in it if not e.name.startswith("."))
+        entries = sorted((e.name, _kind(e)) for e in it if not e.name.startswith("."))
     found: dict[tuple[int, int], Path] = {}
-    for name, is_file in entries:
+    for name, kind in entries:
         path = folder / name
+        if kind == DANGLING:
+            raise LayoutError(f"{path}: dangling symbolic link (its target {os.readlink(path)} does not exist)")
         key = parse_name(name, pattern)
-        if key is None or not is_file:
-            raise LayoutError(f"{path}: unexpected {'file name' if is_file else 'folder'} (expected {example})")
+        if key is None or kind != FILE:
+            raise LayoutError(f"{path}: unexpected {'file name' if kind == FILE else kind} (expected {example})")
         if key in found:
             raise LayoutError(f"{path}: same case and slice as {found[key].name}")
         found[key] = path
@@ -125,8 +142,31 @@ def _check_pairs(images: dict[tuple[int, int], Path], masks: dict[tuple[int, int
         raise LayoutError(f"{masks[key]}: mask without an image (expected {expected} in the image folder)")
 
 
+def _check_no_leakage(listings: list[SplitListing]) -> None:
+    """One subject in two splits leaks its anatomy from training into evaluation: refuse it.
+
+    Only the listed splits are compared (those being packed); the case number identifies the
+    subject, whatever its zero-padding.
+    """
+    seen: dict[int, tuple[str, Path]] = {}  # case -> (split, one image) from earlier splits
+    for listing in listings:
+        first: dict[int, Path] = {}
+        for row in listing.rows:
+            first.setdefault(row.case_id, row.image)
+        for case, image in first.items():
+            if case in seen:
+                split, other = seen[case]
+                raise LayoutError(
+                    f"{image}: case {case} is in split {listing.split} and in split {split} ({other}); "
+                    "a subject must be in one split only"
+                )
+        seen.update((case, (listing.split, image)) for case, image in first.items())
+
+
 def list_splits(src: Path, splits: tuple[str, ...] = SPLITS) -> list[SplitListing]:
     """List every requested split, validating all names before any pixel is read."""
     if not src.is_dir():
         raise LayoutError(f"{src}: source folder not found")
-    return [list_split(src, split) for split in splits]
+    listings = [list_split(src, split) for split in splits]
+    _check_no_leakage(listings)
+    return listings

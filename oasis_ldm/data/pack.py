@@ -5,11 +5,17 @@ Why this shape:
   so a bad layout fails in a second with nothing written.
 - Worker processes decode PNGs (and, for gzip, compress the chunks) in tasks of
   `ROWS_PER_TASK` rows; at most `WINDOW_PER_WORKER` tasks per worker are in flight, so memory
-  stays bounded however large the input is. The parent only writes finished chunks
-  (`write_direct_chunk`: one image per chunk, no per-row filter work in the parent).
+  stays bounded however large the input is. Each worker has a pipe of its own
+  (`WorkerPool`), so a worker that dies is reported, never waited for. The parent only
+  writes finished chunks (`write_direct_chunk`: one image per chunk, no per-row filter
+  work in the parent).
 - The file is written as `OUT.partial` and renamed only after it is complete (and verified
   when asked): on any error or interrupt the partial file is removed and an existing OUT
-  is left untouched.
+  is left untouched. `OUT.partial` is created before any pixel is decoded, so an OUT that
+  cannot be written fails at once.
+- Workers die with the parent (a SIGKILL or an OOM kill of the parent included) and a
+  SIGTERM ends a worker; the parent then fails naming OUT, with nothing written.
+- Masks hold only the classes of `schema.MASK_VALUES`; any other value is refused.
 
 What counts as an 8-bit greyscale PNG (`read_png`): mode L as is; 1-bit and 2/4-bit grey
 as PIL expands them; greyscale stored as RGB, RGBA, LA or a palette when every colour
@@ -22,17 +28,19 @@ rescale would change what the model is trained on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import h5py
@@ -49,6 +57,8 @@ DEFAULT_COMPRESSION = "gzip"  # measured: 5.5x smaller than none for ~20% more p
 GZIP_LEVEL = 1  # recorded in the dataset's filter; chunks are written by `deflate`
 ROWS_PER_TASK = 32
 WINDOW_PER_WORKER = 4
+MASK_VALUES_SHOWN = 5  # bad mask values a message lists before "..."
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class PackError(ValueError):
@@ -179,6 +189,25 @@ def _payload(arr: np.ndarray, compression: str) -> bytes | np.ndarray:
     return deflate(arr) if compression == "gzip" else arr
 
 
+# True at the 256 uint8 values that are mask classes: one gather per pixel, where np.isin
+# would sort and search for every mask.
+_MASK_OK = np.zeros(256, dtype=bool)
+_MASK_OK[list(schema.MASK_VALUES)] = True
+
+
+def check_mask(mask: np.ndarray, path: str | Path) -> None:
+    """PackError naming the mask file and its values that are no class of `schema.MASK_VALUES`."""
+    ok = _MASK_OK.take(mask)
+    if ok.all():
+        return
+    bad = np.unique(mask[~ok]).tolist()
+    shown = ", ".join(map(str, bad[:MASK_VALUES_SHOWN]))
+    if len(bad) > MASK_VALUES_SHOWN:
+        shown += f", ... ({len(bad)} values)"
+    allowed = ", ".join(map(str, schema.MASK_VALUES))
+    raise PackError(f"{path}: mask values {shown} outside the classes {allowed}")
+
+
 def decode_task(task: Task) -> Block:
     """Worker body: decode, check, optionally checksum and compress one task's rows."""
     block = Block(task.split, task.start, [], [] if task.masks is not None else None)
@@ -192,6 +221,7 @@ def decode_task(task: Task) -> Block:
             block.image_crc.append(zlib.crc32(image.data))
         if task.masks is not None:
             mask = read_png(task.masks[k], task.shape, what="mask")
+            check_mask(mask, task.masks[k])
             block.masks.append(_payload(mask, task.compression))
             if task.digests:
                 block.mask_crc.append(zlib.crc32(mask.data))
@@ -201,9 +231,32 @@ def decode_task(task: Task) -> Block:
 # ----------------------------------------------------------------------------- scheduling
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which cancels them and removes the partial file."""
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies, however the parent dies.
+
+    Without it, workers waiting for their next task outlive a SIGKILLed (or OOM-killed)
+    parent forever. The parent may already have died before prctl ran: then this worker
+    was re-parented and must exit by itself. (Elsewhere there is no prctl, and workers
+    are not forked by this process, so there is nothing to do.)
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Die with the parent; leave Ctrl-C to the parent; let SIGTERM end the worker.
+
+    The parent cancels everything on Ctrl-C and removes the partial file. A fork inherits
+    the parent's SIGTERM handler (which unwinds like Ctrl-C); a worker must instead die of
+    SIGTERM, so that the parent sees it gone and fails in one line.
+    """
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def make_tasks(listings: list[SplitListing], shape, compression: str, digests: bool) -> Iterator[Task]:
@@ -224,46 +277,177 @@ def make_tasks(listings: list[SplitListing], shape, compression: str, digests: b
             )
 
 
-@contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A process pool whose workers all exist before the caller opens files or starts threads.
+def _worker_loop(conn: Connection, parent_pid: int, inherited: list[Connection]) -> None:
+    """Worker body: answer each `(fn, arg)` from `conn` with `(True, result)` or `(False, error)`."""
+    for other in inherited:  # the parent's ends, copied by fork: only the parent may hold them
+        other.close()
+    _init_worker(parent_pid)
+    while True:
+        try:
+            fn, arg = conn.recv()
+        except (EOFError, OSError):  # the parent closed the pool (a reset if answers were unread)
+            return
+        try:
+            reply = (True, fn(arg))
+        except Exception as e:  # PackError and the like: the parent raises it
+            reply = (False, e)
+        try:
+            _send_reply(conn, reply)
+        except OSError:  # the parent closed the pool while this task ran
+            return
 
-    On Linux `fork` is used (no `__main__` guard needed, instant start); the workers
-    are forked at once, while the parent is still single-threaded and holds no HDF5 file.
+
+def _send_reply(conn: Connection, reply: tuple[bool, object]) -> None:
+    """Send a worker's answer; an error that cannot be pickled travels as its message."""
+    try:
+        conn.send(reply)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        conn.send((False, RuntimeError(f"{_one_line(reply[1])} ({_one_line(e)})")))
+
+
+class WorkerLost(RuntimeError):
+    """A worker ended without answering: killed by a signal (SIGTERM, the OOM killer's SIGKILL)."""
+
+
+def _exit_reason(process: multiprocessing.process.BaseProcess) -> str:
+    """'was killed by SIGTERM', 'exited with status 1', ...: why a worker is gone."""
+    process.join(timeout=5)  # it has closed its pipe, so it has ended or is about to
+    code = process.exitcode
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        if -code == signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            return "was killed by SIGKILL (out of memory? try fewer --workers)"
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:  # a real-time signal without a name
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class WorkerPool:
+    """Forked worker processes, each with a pipe of its own.
+
+    Why not `ProcessPoolExecutor`: its workers share one result pipe and one lock. A worker
+    killed while sending a result (a block of 32 slices is far larger than the pipe, so it
+    often is) leaves half a message in that pipe, and the executor's reader thread waits
+    for the rest forever: the pack hangs. Here a dead worker's pipe simply ends (EOF), and
+    the parent says which worker died and how. There are no threads, so forking stays safe.
+
+    Task k goes to worker k mod n. Answers are read from whichever worker is ready and kept
+    until asked for, so no worker waits on the parent to read it while the parent waits on
+    another (measured: no slower than the executor it replaces).
+    """
+
+    def __init__(self, workers: int) -> None:
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+        self._conns: list[Connection] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._submitted = 0
+        self._sent: list[int] = [0] * workers  # tasks sent to each worker
+        self._got: list[int] = [0] * workers  # answers read from each worker
+        self._early: dict[int, tuple[bool, object]] = {}  # answers read before they were asked for
+        try:
+            for _ in range(workers):
+                ours, theirs = ctx.Pipe()
+                inherited = [*self._conns, ours]
+                process = ctx.Process(target=_worker_loop, args=(theirs, os.getpid(), inherited), daemon=True)
+                process.start()
+                theirs.close()  # the worker holds the only copy: its death gives us EOF
+                self._conns.append(ours)
+                self._processes.append(process)
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    def __len__(self) -> int:
+        return len(self._processes)
+
+    def submit(self, fn: Callable, arg: object) -> int:
+        """Queue `fn(arg)` on the next worker in turn; returns the task number for `answer`."""
+        k, j = self._submitted, self._submitted % len(self)
+        try:
+            self._conns[j].send((fn, arg))  # a task is small: the pipe holds those in flight
+        except OSError:  # EPIPE: the worker is gone
+            raise self._lost(j) from None
+        self._submitted += 1
+        self._sent[j] += 1
+        return k
+
+    def answer(self, k: int) -> object:
+        """The result of task `k`, re-raising the error its worker reported."""
+        while k not in self._early:
+            busy = [c for j, c in enumerate(self._conns) if self._sent[j] > self._got[j]]
+            if not busy:  # nothing is coming: waiting would spin forever
+                raise ValueError(f"task {k} was never submitted or was already answered")
+            for conn in wait(busy):
+                self._read(self._conns.index(conn))
+        ok, value = self._early.pop(k)
+        if not ok:
+            raise value
+        return value
+
+    def _read(self, j: int) -> None:
+        """Read worker j's oldest answer: that of its task got[j], number got[j] * n + j."""
+        try:
+            reply = self._conns[j].recv()
+        except (EOFError, OSError):  # the worker died, perhaps halfway through an answer
+            raise self._lost(j) from None
+        self._early[self._got[j] * len(self) + j] = reply
+        self._got[j] += 1
+
+    def _lost(self, j: int) -> WorkerLost:
+        process = self._processes[j]
+        return WorkerLost(f"worker process {process.pid} {_exit_reason(process)}")
+
+    def close(self, kill: bool) -> None:
+        """End every worker: EOF lets idle ones return; `kill` stops busy ones at once first."""
+        if kill:
+            for process in self._processes:
+                process.terminate()  # SIGTERM: the workers' default action ends them
+        for conn in self._conns:
+            conn.close()
+        for process in self._processes:
+            process.join()
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
+    """A `WorkerPool` whose workers all exist before the caller opens files.
+
+    On Linux `fork` is used (no `__main__` guard needed, instant start); the workers are
+    forked at once, by the calling thread, while the parent holds no HDF5 file. They die
+    with that thread (`_die_with_parent`), which stays inside this context while they work.
     `workers=0` yields None: tasks then run in this process.
     """
     if workers == 0:
         yield None
         return
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint)
+    pool = WorkerPool(workers)
     try:
-        pool.submit(int).result()  # launches every worker now
         yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        pool.close(kill=True)
+        raise
+    pool.close(kill=False)
 
 
-def ordered_map(pool: ProcessPoolExecutor | None, fn: Callable, tasks: Iterable, window: int) -> Iterator:
+def ordered_map(pool: WorkerPool | None, fn: Callable, tasks: Iterable, window: int) -> Iterator:
     """`map` in order with at most `window` tasks in flight.
 
     `Pool.imap` queues every result the parent has not consumed yet; the window keeps memory
-    bounded. A worker that dies raises BrokenProcessPool here instead of hanging the parent.
+    bounded. A worker that dies raises WorkerLost here instead of hanging the parent.
     """
     if pool is None:
         yield from map(fn, tasks)
         return
-    pending: deque[Future] = deque()
-    try:
-        for task in tasks:
-            pending.append(pool.submit(fn, task))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
+    pending: deque[int] = deque()
+    for task in tasks:
+        pending.append(pool.submit(fn, task))
+        if len(pending) >= window:
+            yield pool.answer(pending.popleft())
+    while pending:
+        yield pool.answer(pending.popleft())
 
 
 # ----------------------------------------------------------------------------- writing
@@ -321,15 +505,46 @@ def _check_numbers(listings: list[SplitListing]) -> None:
                 raise PackError(f"{row.image}: case or slice number does not fit int32")
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """mkdir -p, returning the folders it created (deepest last) so a failure can remove them."""
+@contextlib.contextmanager
+def _out_errors(out: Path, what: str) -> Iterator[None]:
+    """Turn an OSError while making OUT into one line naming OUT (not HDF5's raw text)."""
+    try:
+        yield
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else _one_line(e)  # h5py sets errno too
+        raise PackError(f"{out}: {what} ({reason})") from None
+
+
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    """mkdir -p, appending each folder it creates to `created` so a failure can remove them."""
     missing = []
     while not folder.exists():
         missing.append(folder)
         folder = folder.parent
     for path in reversed(missing):
         path.mkdir()
-    return list(reversed(missing))
+        created.append(path)
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove the folders `_make_parents` created, deepest first (only while still empty)."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _claim_out(out: Path, partial: Path) -> list[Path]:
+    """Create OUT's folders and an empty `partial` before any decoding, so an OUT that cannot
+    be written (read-only, a file as parent, no permission) fails at once, naming OUT."""
+    created: list[Path] = []
+    try:
+        with _out_errors(out, "cannot write here"):
+            _make_parents(out.parent, created)
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    except BaseException:
+        _remove_folders(created)  # the partial file was the last step: it does not exist
+        raise
+    return created
 
 
 def _create_split(f: h5py.File, listing: SplitListing, shape: tuple[int, int], compression: str) -> dict:
@@ -476,6 +691,20 @@ def verify_file(
 # ----------------------------------------------------------------------------- entry point
 
 
+def _write_and_rename(partial: Path, out: Path, listings: list[SplitListing], options: PackOptions) -> None:
+    """Write `partial`, verify it when asked, and rename it to OUT; one-line errors naming OUT."""
+    shape = read_png(listings[0].rows[0].image).shape
+    try:
+        with _out_errors(out, "write failed"):
+            totals = _write_file(partial, listings, shape, options)
+        if options.verify:
+            verify_file(partial, listings, totals.crc, options.workers)
+        with _out_errors(out, "write failed"):
+            os.replace(partial, out)
+    except WorkerLost as e:  # SIGTERM, SIGKILL, the OOM killer
+        raise PackError(f"{out}: not written: {e}") from None
+
+
 def pack(src: str | Path, out: str | Path, options: PackOptions | None = None) -> PackResult:
     """Pack the OASIS folder `src` into the HDF5 file `out` (see the module docstring)."""
     started = time.perf_counter()
@@ -488,19 +717,13 @@ def pack(src: str | Path, out: str | Path, options: PackOptions | None = None) -
     except LayoutError as e:
         raise PackError(str(e)) from None
     _check_numbers(listings)
-    shape = read_png(listings[0].rows[0].image).shape
     partial = out.with_name(out.name + ".partial")
-    created = _make_parents(out.parent)
+    created = _claim_out(out, partial)
     try:
-        totals = _write_file(partial, listings, shape, options)
-        if options.verify:
-            verify_file(partial, listings, totals.crc, options.workers)
-        os.replace(partial, out)
+        _write_and_rename(partial, out, listings, options)
     except BaseException:
         partial.unlink(missing_ok=True)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_folders(created)
         raise
     info = schema.inspect_file(out)
     return PackResult(
