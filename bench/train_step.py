@@ -7,15 +7,17 @@ Measured in one run, same U-Net config, same optimizer step:
   ldm (encode)  VAE encoder (frozen, no grad) + U-Net step on 64x64x3 latents of 256x256 slices
   ldm (cache)   U-Net step on cached latents (ldm.latent_cache=true)
   pixel         U-Net step directly on 256x256x1 slices
-Prints images/s, the ratios, model FLOPs per image (torch's FLOP counter) and, on a GPU with
-a known peak, the model FLOP utilisation (MFU). The last line is one JSON object.
+Prints images/s, the ratios, model FLOPs per image (torch's FLOP counter, run on eager copies
+of the models: a compiled graph hides its operators from it) and, on a GPU whose dense bf16
+peak is known, the model FLOP utilisation (MFU). The frozen encoder runs in fp32, as in the
+trainer. The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import re
 import time
 
 import torch
@@ -25,21 +27,32 @@ from oasis_ldm.config import load_config
 from oasis_ldm.diffusion import GaussianDiffusion
 from oasis_ldm.models import UNet, build_vae
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by exact model: the first pattern
+# that matches the device name wins, so variants come before their family.
+PEAK_BF16_TFLOPS = [
+    (r"H100 NVL", 835.0),
+    (r"H100 PCIe", 756.0),
+    (r"H100", 989.0),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    (r"H200 NVL", 835.0),
+    (r"H200", 989.0),  # SXM
+    (r"A100", 312.0),
+    (r"L40S", 362.0),
+    (r"\bA10\b", 125.0),
+]
 
 
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
+def peak_tflops(name: str) -> float | None:
+    return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.search(pattern, name)), None)
 
 
 def make_step(unet, diffusion, opt, device, bf16, encoder=None):
-    """One optimizer step on a batch; `encoder` maps images to scaled latents first."""
+    """One optimizer step on a batch; `encoder` maps images to scaled latents first (fp32)."""
 
     def step(x: torch.Tensor) -> None:
-        with autocast(device, bf16):
-            if encoder is not None:
-                with torch.no_grad():
-                    x = encoder(x)
+        if encoder is not None:
+            with torch.no_grad():
+                x = encoder(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, _ = diffusion.training_loss(unet, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -70,10 +83,11 @@ def flops_per_image(step, x: torch.Tensor) -> float:
 
 
 def build(cfg, in_channels: int, device: torch.device, compile_: bool):
+    """(the model to time, its optimizer, the eager model FLOPs are counted on)."""
     unet = UNet(cfg.unet, in_channels=in_channels).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     model = torch.compile(unet) if compile_ else unet
-    return model, opt
+    return model, opt, unet
 
 
 def main() -> None:
@@ -82,7 +96,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32 on GPU, 2 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA or CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Nets (CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--flops", action="store_true", help="count model FLOPs on the CPU too (always on a GPU)")
@@ -100,10 +114,11 @@ def main() -> None:
     images = torch.randn(batch, 1, size, size, device=device)
     latents = torch.randn(batch, c, size // f, size // f, device=device)
 
-    unet, opt = build(cfg, c, device, args.compile)
-    encode = make_step(unet, diffusion, opt, device, args.bf16, encoder=lambda x: vae.encode(x).sample())
+    unet, opt, eager = build(cfg, c, device, args.compile)
+    encoder = lambda x: vae.encode(x).sample()  # noqa: E731
+    encode = make_step(unet, diffusion, opt, device, args.bf16, encoder=encoder)
     cached = make_step(unet, diffusion, opt, device, args.bf16)
-    pixel_unet, pixel_opt = build(cfg, 1, device, args.compile)
+    pixel_unet, pixel_opt, pixel_eager = build(cfg, 1, device, args.compile)
     pixel = make_step(pixel_unet, diffusion, pixel_opt, device, args.bf16)
 
     results = {
@@ -113,10 +128,14 @@ def main() -> None:
     }
     # Counting runs each step once more: worth it on a GPU (MFU), minutes of CPU for the pixel step.
     count = gpu or args.flops
-    inputs = {"ldm_encode": (encode, images), "ldm_cache": (cached, latents), "pixel": (pixel, images)}
-    flops = {k: flops_per_image(fn, x) for k, (fn, x) in inputs.items()} if count else {}
+    eager_steps = {
+        "ldm_encode": (make_step(eager, diffusion, opt, device, args.bf16, encoder=encoder), images),
+        "ldm_cache": (make_step(eager, diffusion, opt, device, args.bf16), latents),
+        "pixel": (make_step(pixel_eager, diffusion, pixel_opt, device, args.bf16), images),
+    }
+    flops = {k: flops_per_image(fn, x) for k, (fn, x) in eager_steps.items()} if count else {}
     name = torch.cuda.get_device_name(device) if gpu else "cpu"
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if gpu and args.bf16 else None
+    peak = peak_tflops(name) if gpu and args.bf16 else None
     latent = f"{c}x{size // f}x{size // f}"
     print(f"device {name}; config {args.config}: {size}x{size} slices, latent {latent}; batch {batch}")
     print(f"{'pipeline':<14}{'images/s':>12}{'GFLOP/image':>14}{'MFU':>8}")
