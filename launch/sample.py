@@ -32,8 +32,8 @@ from common import (
 
 from oasis_ldm.checkpoint import CheckpointError
 from oasis_ldm.sampling.pipeline import read_checkpoint
-from oasis_ldm.sampling.shards import RequestMismatch, missing_shards, request_for, write_request
-from oasis_ldm.sampling.worker import add_request_args, check_request_args, request_kwargs
+from oasis_ldm.sampling.shards import RequestMismatch, report_bad, request_for, write_request
+from oasis_ldm.sampling.worker import DefaultsHelpFormatter, add_request_args, check_request_args, request_kwargs
 
 
 class SampleJob:
@@ -46,16 +46,20 @@ class SampleJob:
         import os
         import socket
 
-        from oasis_ldm.sampling.worker import sample_worker
+        import torch
 
+        from oasis_ldm.sampling.worker import sample_worker
+        from oasis_ldm.threads import configure_threads
+
+        configure_threads()  # torch would start one thread per core of the node, not of the task
         if self.array_size is None:
             env = submitit.JobEnvironment()
             worker, workers = env.global_rank, env.num_tasks
         else:
             worker, workers = task, self.array_size
         made = sample_worker(self.ckpt, Path(self.out), **self.kwargs, worker=worker, workers=workers)
-        node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
-        return {"worker": worker, "workers": workers, "node": node, "shards_made": made}
+        node, threads = os.environ.get("SLURMD_NODENAME", socket.gethostname()), torch.get_num_threads()
+        return {"worker": worker, "workers": workers, "node": node, "shards_made": made, "threads": threads}
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         # Finished shards are on disk; the requeued task makes only the missing ones.
@@ -71,7 +75,7 @@ def merge_job(out: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Launch sharded, seeded sampling with submitit (SLURM, or local processes without it).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_request_args(p)
     p.add_argument("--array", type=int, default=None, metavar="K", help="split the work over a job array of K tasks")
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         write_request(out, req)
     except RequestMismatch as e:
         fail(str(e))
-    todo = missing_shards(req, out)
+    todo = report_bad(req, out, range(req.num_shards))  # the workers remake the bad ones too
     print(f"{req.num_shards - len(todo)} of {req.num_shards} shards already done; {len(todo)} to make")
     if not todo:
         print(f"wrote {merge_job(str(out))}")

@@ -4,7 +4,8 @@ No network code lives here: a model is any callable `model(x_t, t) -> prediction
 (B,) long tensor of timesteps. Schedules are computed in float64 and kept as float32 tensors
 (for batched indexing) plus a float64 copy from which the samplers take exact per-step scalars.
 Samplers keep their state in float32 (float64 if x_T is): run a reduced-precision model under
-autocast; its output is cast back to the state's dtype every step.
+autocast (`autocast_model`); its output is cast back to the state's dtype every step, so only
+the network's arithmetic is rounded to bf16, never the state that the steps accumulate.
 
 Randomness. Every draw takes an explicit `torch.Generator` and happens on that generator's
 device, then moves to the data's device in the data's dtype. A CPU generator therefore yields
@@ -26,6 +27,26 @@ from tqdm.auto import tqdm
 from oasis_ldm.config import DiffusionConfig
 
 Model = Callable[[Tensor, Tensor], Tensor]
+PRECISIONS = ("fp32", "bf16")  # what a sampling request may ask of the U-Net
+
+
+def autocast_model(model: Model, precision: str) -> Model:
+    """`model` as is ("fp32"), or called under bf16 autocast on its input's device ("bf16").
+
+    Autocast wraps the network call alone: the sampler's x_t and its update arithmetic stay
+    float32 (rounding them to bf16 every step would accumulate). CPU autocast works too, so
+    a test on a laptop runs the code a GPU runs.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return model
+
+    def bf16_model(x: Tensor, t: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, torch.bfloat16):
+            return model(x, t)
+
+    return bf16_model
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -50,10 +71,12 @@ def per_image_randn(
     """One standard-normal tensor per generator, stacked: (len(generators), *shape_per_image).
 
     Each image's numbers come from its own generator only (drawn in float32 on that generator's
-    device), so they do not change with batch size, batch position, device or rank.
+    device), so they do not change with batch size, batch position, device or rank. The draws
+    are stacked where they were made and moved in one copy: one transfer per sampler step, not
+    one per image (the generators share a device, the CPU for sampling).
     """
     draws = [torch.randn(tuple(shape_per_image), generator=g, device=g.device) for g in generators]
-    return torch.stack([d.to(device) for d in draws]).to(dtype)
+    return torch.stack(draws).to(device, dtype)
 
 
 def seeded_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:

@@ -11,6 +11,7 @@ import torch
 from oasis_ldm.config import DiffusionConfig, UNetConfig
 from oasis_ldm.diffusion import (
     GaussianDiffusion,
+    autocast_model,
     cosine_betas,
     linear_betas,
     per_image_randn,
@@ -222,3 +223,43 @@ def test_sample_dispatches_on_the_configured_sampler():
     torch.testing.assert_close(diffusion.sample(unet, x_t), diffusion.ddim_sample(unet, x_t, 20))
     with pytest.raises(ValueError):
         diffusion.ddpm_sample(unet, x_t, seeded_generators([1, 2]))
+
+
+def test_bf16_autocast_covers_the_model_call_only():
+    diffusion, unet = short_diffusion(), tiny_unet()
+    seen = []
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = unet(x, t)
+        seen.append((x.dtype, out.dtype))
+        return out
+
+    x_t = per_image_randn((2, 16, 16), seeded_generators([0, 1]), "cpu")
+    bf16 = diffusion.ddim_sample(autocast_model(model, "bf16"), x_t, 5, eta=1.0, generators=seeded_generators([2, 3]))
+    fp32 = diffusion.ddim_sample(autocast_model(model, "fp32"), x_t, 5, eta=1.0, generators=seeded_generators([2, 3]))
+    # the state enters every call in float32; the network computes in bf16 under autocast only
+    assert seen == [(torch.float32, torch.bfloat16)] * 5 + [(torch.float32, torch.float32)] * 5
+    assert bf16.dtype == fp32.dtype == torch.float32
+    assert 0 < (bf16 - fp32).abs().mean() < 0.05 * fp32.abs().mean()
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        autocast_model(model, "fp16")
+
+
+def test_per_image_noise_moves_to_the_device_in_one_copy():
+    from torch.overrides import TorchFunctionMode
+
+    class CountCopies(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.copies = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.copies += func is torch.Tensor.to
+            return func(*args, **(kwargs or {}))
+
+    gens = seeded_generators(range(8))
+    with CountCopies() as mode:
+        noise = per_image_randn((2, 4, 4), gens, "meta")  # any device other than the generators'
+    assert noise.shape == (8, 2, 4, 4) and noise.device.type == "meta" and mode.copies == 1
+    alone = per_image_randn((2, 4, 4), seeded_generators([5]), "cpu")
+    assert torch.equal(per_image_randn((2, 4, 4), seeded_generators(range(8)), "cpu")[5:6], alone)

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import slurm_cluster as sc
@@ -71,15 +72,25 @@ def test_train_sbatch_runs_ddp_over_two_nodes_and_requeues_itself(tmp_path, tiny
 
 
 def test_sample_sbatch_array_then_merge_matches_a_local_run(tmp_path, tiny_ldm):
+    """An array of 2 (ids 1 and 3: min and step count) x 2 srun tasks is 4 workers, 1 shard each."""
     env = quiet_env(**sc.require_cluster())
     out = tmp_path / "array"
-    args = sample_args(tiny_ldm, out)
+    args = sample_args(tiny_ldm, out)  # 10 images in shards of 3: 4 shards
     script = cpu_copy("sample.sbatch", tmp_path)
     assert sc.wait_until_idle(60) == {"n1": "idle", "n2": "idle"}, "an earlier test left jobs running"
-    tasks = ["--array=0-2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out"]
+    tasks = ["--array=1-3:2", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out"]
     array = sbatch(env, *tasks, script, *args)
     merge_cmd = shlex.join(["python", "-m", "oasis_ldm.sampling", *args, "--merge-only"])
-    merge = sbatch(env, f"--dependency=afterok:{array}", f"--output={tmp_path}/merge.out", "--wrap", merge_cmd)
-    assert sc.wait_for_state(int(merge), {"COMPLETED"}, timeout=180, probe=sc.sacct_state) == "COMPLETED"
+    after = [f"--dependency=afterok:{array}", "--kill-on-invalid-dep=yes"]  # a failed array ends the merge too
+    merge = sbatch(env, *after, f"--output={tmp_path}/merge.out", "--wrap", merge_cmd)
+    state = sc.wait_for_state(int(merge), {"COMPLETED", "CANCELLED", "FAILED"}, timeout=180, probe=sc.sacct_state)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+    assert state == "COMPLETED", logs
+    made_by = {}
+    for shard in sorted((out / "shards").glob("shard_*.h5")):
+        with h5py.File(shard, "r") as f:
+            made_by[shard.name] = (int(f.attrs["worker"]), int(f.attrs["workers"]))
+    assert made_by == {f"shard_{s:05d}.h5": (s, 4) for s in range(4)}, logs
+    assert sorted(re.findall(r"worker (\d+)/4 .*: 1 of 1 shards to make", logs)) == ["0", "1", "2", "3"], logs
     launch("sample.py", *sample_args(tiny_ldm, tmp_path / "local"), "--cluster", "local", env=env)
     assert np.array_equal(read_samples(out)[0], read_samples(tmp_path / "local")[0])

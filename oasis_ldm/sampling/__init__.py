@@ -1,11 +1,20 @@
 """Seeded, sharded generation from ldm checkpoints; `python -m oasis_ldm.sampling --help`."""
 
 from oasis_ldm.sampling.pipeline import Pipeline, image_seed, load_frozen_vae, load_pipeline
-from oasis_ldm.sampling.shards import Request, generate_shards, merge, missing_shards, read_request, write_request
+from oasis_ldm.sampling.shards import (
+    Request,
+    ShardError,
+    generate_shards,
+    merge,
+    missing_shards,
+    read_request,
+    write_request,
+)
 
 __all__ = [
     "Pipeline",
     "Request",
+    "ShardError",
     "generate_shards",
     "image_seed",
     "load_frozen_vae",

@@ -4,7 +4,13 @@ Image i of a request with seed S starts from noise drawn by its own generator, s
 `image_seed(S, i)`, and every later random draw for it comes from that generator too. Its
 pixels therefore depend on (S, i) and the checkpoint only: not on the batch it shared, the
 rank or array task that ran it, or how many there were. Generators live on the CPU so a
-given seed names the same starting noise on any machine.
+given seed names the same starting noise on any machine. (Convolutions sum in an order that
+depends on the batch size, so another batch size may move a pixel by one level; a sampling
+request fixes its batches, which makes workers agree bit for bit.)
+
+Precision: "bf16" runs the U-Net under bf16 autocast (the sampler's state stays float32, see
+oasis_ldm.diffusion); the VAE decoder always runs in float32, once per image, because its
+output is the pixels that are kept.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import nn
 from oasis_ldm import checkpoint
 from oasis_ldm.config import from_dict
 from oasis_ldm.data.transforms import to_uint8
-from oasis_ldm.diffusion import GaussianDiffusion, per_image_randn
+from oasis_ldm.diffusion import GaussianDiffusion, autocast_model, per_image_randn
 from oasis_ldm.models import AutoencoderKL, UNet
 from oasis_ldm.seeding import derive_seed
 
@@ -39,6 +45,7 @@ class Pipeline:
     diffusion: GaussianDiffusion
     scale_factor: float
     latent_shape: tuple[int, int, int]  # (C, h, w)
+    precision: str = "fp32"  # the U-Net's: "fp32" or "bf16" (autocast); `generate` may override it
 
     @property
     def device(self) -> torch.device:
@@ -52,14 +59,16 @@ class Pipeline:
         steps: int = 50,
         eta: float = 0.0,
         progress: bool = False,
+        precision: str | None = None,
     ) -> torch.Tensor:
-        """uint8 images (B, 1, H, W), image b drawn from `seeds[b]` alone."""
+        """uint8 images (B, 1, H, W), image b drawn from `seeds[b]` alone; `precision` None: the pipeline's."""
+        unet = autocast_model(self.unet, precision or self.precision)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x_T = per_image_randn(self.latent_shape, gens, self.device)
         if sampler == "ddpm":
-            z = self.diffusion.ddpm_sample(self.unet, x_T, gens, progress=progress)
+            z = self.diffusion.ddpm_sample(unet, x_T, gens, progress=progress)
         elif sampler == "ddim":
-            z = self.diffusion.ddim_sample(self.unet, x_T, steps, eta, gens, progress=progress)
+            z = self.diffusion.ddim_sample(unet, x_T, steps, eta, gens, progress=progress)
         else:
             raise ValueError(f"sampler={sampler!r}: expected ddim or ddpm")
         return to_uint8(self.vae.decode(z / self.scale_factor).clamp(-1, 1))
@@ -97,7 +106,10 @@ def load_frozen_vae(
 
 
 def load_pipeline(path_or_run: str | Path, device: torch.device | str = "cpu") -> tuple[Pipeline, dict[str, Any]]:
-    """The pipeline of an ldm checkpoint (file or run directory) and the checkpoint's metadata."""
+    """The pipeline of an ldm checkpoint (file or run directory) and the checkpoint's metadata.
+
+    It samples in the precision the checkpoint trained in (`train.precision`).
+    """
     saved, meta = read_checkpoint(path_or_run, "ldm")
     device = torch.device(device)
     cfg, extra = meta["config"], saved["extra"]
@@ -114,5 +126,6 @@ def load_pipeline(path_or_run: str | Path, device: torch.device | str = "cpu") -
         diffusion=GaussianDiffusion.from_config(cfg.diffusion).to(device),
         scale_factor=float(extra["scale_factor"]),
         latent_shape=(vae.latent_channels, size, size),
+        precision=cfg.train.precision,
     )
     return pipe, meta

@@ -1,18 +1,23 @@
-"""Sharded sample generation: fixed shards, atomic shard files, rerun-safe, one merge.
+"""Sharded sample generation: fixed shards, atomic shard files, checked reruns, one merge.
 
-A request (checkpoint, N, seed, sampler, steps, eta) is cut into shards of `shard_size`
-consecutive image indices, and every shard is generated in the same batches whoever runs
-it. Workers (ranks of one job, or tasks of a job array) take shards k, k + W, k + 2W, ...
-and skip the ones already on disk, so a rerun after a kill or a failed task makes only the
-missing shards. Shard files appear whole or not at all (temp file + rename). The merge step
-checks that every shard is there and writes samples.h5, samples.npz and grid.png.
+A request (checkpoint, N, seed, sampler, steps, eta, precision) is cut into shards of
+`shard_size` consecutive image indices, and every shard is generated in the same batches
+whoever runs it. Workers (ranks of one job, tasks of a job array, or both) take shards
+k, k + W, k + 2W, ... and skip the good ones already on disk, so a rerun after a kill or a
+failed task makes only what is missing or bad. Shard files appear whole or not at all (a temp
+file per process + rename), and a rerun still checks each one (readable, the right images of
+the right request: a disk that filled up or a copy cut short leaves a shorter file behind).
+The merge checks every shard the same way and writes samples.h5, samples.npz and grid.png.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import zipfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from oasis_ldm.diffusion import PRECISIONS
 from oasis_ldm.sampling.pipeline import Pipeline, image_seed
 
 
@@ -38,6 +44,7 @@ class Request:
     eta: float = 0.0
     batch_size: int = 32
     shard_size: int = 256
+    precision: str = "fp32"  # the U-Net's autocast; request.json files older than the flag were fp32
 
     @property
     def num_shards(self) -> int:
@@ -48,13 +55,21 @@ class Request:
         return range(start, min(start + self.shard_size, self.num_samples))
 
 
-def request_for(meta: dict, **params: object) -> Request:
-    """A request for the checkpoint described by `meta` (see sampling.pipeline.read_checkpoint)."""
+def request_for(meta: dict, *, precision: str | None = None, **params: object) -> Request:
+    """A request for the checkpoint described by `meta` (see sampling.pipeline.read_checkpoint).
+
+    `precision` None means the checkpoint's `train.precision`: a model trained under bf16
+    autocast samples the same way unless told otherwise.
+    """
+    precision = precision or meta["config"].train.precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     return Request(
         checkpoint=meta["path"],
         checkpoint_sha256=meta["sha256"],
         checkpoint_step=meta["step"],
         image_size=meta["config"].data.image_size,
+        precision=precision,
         **params,
     )
 
@@ -63,21 +78,50 @@ class RequestMismatch(ValueError):
     """The output folder holds samples of another request."""
 
 
+class ShardError(RuntimeError):
+    """A shard the merge needs is missing or bad: one line naming it and what to do."""
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden name next to `path` that only this process uses (host and pid).
+
+    Every task of a job writes request.json, and tasks on other nodes can have the same
+    pid: one shared temp name lets one task rename (or truncate) another's half-written file.
+    """
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _identity(req: Request) -> dict:
+    """What makes two requests the same: everything but the checkpoint's path, which may move
+    (its bytes, the checksum, may not)."""
+    return {k: v for k, v in asdict(req).items() if k != "checkpoint"}
+
+
 def write_request(out: Path, req: Request) -> None:
-    """Record the request in OUT/request.json, refusing to mix it with another one."""
+    """Record the request in OUT/request.json, refusing to mix it with another one.
+
+    The file is created with a hard link from this process's temp file, which fails if it
+    exists: of several tasks starting at once one creates it and the others compare with it.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "request.json"
-    if path.exists():
-        old, new = json.loads(path.read_text()), asdict(req)
-        # The checkpoint's path may move; its bytes (checksum) may not.
-        diffs = [k for k in sorted(set(old) | set(new)) if k != "checkpoint" and old.get(k) != new.get(k)]
-        if diffs:
-            detail = ", ".join(diffs)
-            raise RequestMismatch(f"{out} holds samples of another request ({detail} differ): use a new --out")
-        return
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(req), indent=2) + "\n")
-    os.replace(tmp, path)
+    path, tmp = out / "request.json", temp_path(out / "request.json")
+    if not path.exists():
+        tmp.write_text(json.dumps(asdict(req), indent=2) + "\n")
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            pass  # another task was first: compare with what it wrote
+        except OSError:  # a file system without hard links: the last writer wins
+            os.replace(tmp, path)
+            return
+        finally:
+            tmp.unlink(missing_ok=True)
+    old, new = _identity(read_request(out)), _identity(req)
+    diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        detail = ", ".join(diffs)
+        raise RequestMismatch(f"{out} holds samples of another request ({detail} differ): use a new --out")
 
 
 def read_request(out: Path) -> Request:
@@ -88,70 +132,138 @@ def shard_path(out: Path, shard: int) -> Path:
     return out / "shards" / f"shard_{shard:05d}.h5"
 
 
+def _sha256(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
 def _write_h5_atomic(path: Path, images: np.ndarray, seeds: np.ndarray, attrs: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", locking=False) as f:  # a private file: no lock (NFS refuses them)
             f.create_dataset("images", data=images, chunks=(1, *images.shape[1:]))
             f.create_dataset("seed", data=seeds)
-            f.attrs.update(attrs)
+            f.attrs.update({**attrs, "images_sha256": _sha256(images)})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+MISSING = "missing"
+
+
+def read_shard(req: Request, out: Path, shard: int) -> tuple[np.ndarray | None, str | None]:
+    """(images, None) if shard `shard` of `req` is on disk whole and belongs to `req`,
+    else (None, why not): "missing", or one phrase naming what is wrong."""
+    path = shard_path(out, shard)
+    if not path.exists():
+        return None, MISSING
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            images, seeds, attrs = f["images"][:], f["seed"][:], dict(f.attrs)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        return None, f"unreadable ({' '.join(str(e).split()) or type(e).__name__})"
+    rows, size = req.shard_range(shard), req.image_size
+    if images.dtype != np.uint8 or images.shape != (len(rows), size, size):
+        found = "x".join(map(str, images.shape[1:])) or "?"
+        return None, f"{len(images)} images of {found}, expected {len(rows)} of {size}x{size}"
+    if attrs.get("first_index") != rows.start:
+        return None, f"first index {attrs.get('first_index')}, expected {rows.start}"
+    if attrs.get("checkpoint_sha256") != req.checkpoint_sha256:
+        found = str(attrs.get("checkpoint_sha256"))[:12]
+        return None, f"made by checkpoint {found}, expected {req.checkpoint_sha256[:12]}"
+    if attrs.get("precision", "fp32") != req.precision:
+        return None, f"made in {attrs.get('precision')}, expected {req.precision}"
+    if not np.array_equal(seeds, [image_seed(req.seed, i) for i in rows]):
+        return None, f"seeds of another request (expected seed {req.seed})"
+    if "images_sha256" in attrs and attrs["images_sha256"] != _sha256(images):
+        return None, "images damaged (checksum mismatch)"
+    return images, None
+
+
+def bad_shards(req: Request, out: Path, shards: Iterable[int]) -> dict[int, str]:
+    """{shard: why it must be made} for the shards among `shards` that are missing or bad."""
+    problems = {shard: read_shard(req, out, shard)[1] for shard in shards}
+    return {shard: why for shard, why in problems.items() if why is not None}
+
+
+def report_bad(req: Request, out: Path, shards: Iterable[int]) -> list[int]:
+    """The shards among `shards` to make, saying in one line each why an existing one is remade."""
+    bad = bad_shards(req, out, shards)
+    for shard, why in bad.items():
+        if why != MISSING:
+            print(f"{shard_path(out, shard)}: {why}; remaking it", flush=True)
+    return sorted(bad)
+
+
 def generate_shards(pipe: Pipeline, req: Request, out: Path, worker: int, workers: int, progress: bool = True) -> int:
-    """Make this worker's missing shards; returns how many it made."""
-    mine = [s for s in range(worker, req.num_shards, workers) if not shard_path(out, s).exists()]
-    for shard in tqdm(mine, desc=f"shards (worker {worker}/{workers})", disable=not progress):
+    """Make this worker's missing or bad shards; returns how many it made."""
+    mine = range(worker, req.num_shards, workers)
+    todo = report_bad(req, out, mine)
+    host = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+    where = f"{host} ({pipe.device}, {req.precision}, torch threads: {torch.get_num_threads()})"
+    print(f"worker {worker}/{workers} on {where}: {len(todo)} of {len(mine)} shards to make", flush=True)
+    for shard in tqdm(todo, desc=f"shards (worker {worker}/{workers})", disable=not progress):
         path = shard_path(out, shard)
-        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed run; the shard is ours
+        for stale in path.parent.glob(f".{path.name}.*tmp*"):  # left by a killed run; the shard is ours
             stale.unlink(missing_ok=True)
         indices = list(req.shard_range(shard))
         seeds = [image_seed(req.seed, i) for i in indices]
         batches = [
-            pipe.generate(seeds[b : b + req.batch_size], req.sampler, req.steps, req.eta)
+            pipe.generate(seeds[b : b + req.batch_size], req.sampler, req.steps, req.eta, precision=req.precision)
             for b in range(0, len(seeds), req.batch_size)
         ]
         images = torch.cat(batches)[:, 0].cpu().numpy()
-        attrs = {"first_index": indices[0], "checkpoint_sha256": req.checkpoint_sha256}
+        attrs = {"first_index": indices[0], "checkpoint_sha256": req.checkpoint_sha256, "precision": req.precision}
+        attrs |= {"worker": worker, "workers": workers}  # who made it: shows that workers' shares are disjoint
         _write_h5_atomic(path, images, np.asarray(seeds, dtype=np.int64), attrs)
-    return len(mine)
+    return len(todo)
 
 
 def missing_shards(req: Request, out: Path) -> list[int]:
-    return [s for s in range(req.num_shards) if not shard_path(out, s).exists()]
+    """The shards a run still has to make: not on disk, or bad (see `read_shard`)."""
+    return sorted(bad_shards(req, out, range(req.num_shards)))
+
+
+def check_all_shards(req: Request, out: Path) -> None:
+    """Raise ShardError naming the first missing or bad shard unless every one is good."""
+    bad = bad_shards(req, out, range(req.num_shards))
+    missing = [s for s, why in bad.items() if why == MISSING]
+    if missing:
+        raise ShardError(f"{out}: {len(missing)} of {req.num_shards} shards missing (first: {missing[0]})")
+    if bad:
+        first, why = next(iter(bad.items()))
+        more = f" ({len(bad) - 1} more bad shards)" if len(bad) > 1 else ""
+        raise ShardError(f"{shard_path(out, first)}: {why}; rerun the same sampling command to remake it{more}")
 
 
 def merge(out: Path, grid_size: int = 64) -> Path:
     """All shards -> OUT/samples.h5, OUT/samples.npz and OUT/grid.png, streaming shard by shard.
 
-    samples.npz holds `arr_0`, N x H x W x 1 uint8, the layout the common FID tools read.
+    Every shard is checked first, so a bad one stops the merge with one line naming it before
+    anything is written. samples.npz holds `arr_0`, N x H x W x 1 uint8, the layout the common
+    FID tools read.
     """
     req = read_request(out)
-    missing = missing_shards(req, out)
-    if missing:
-        raise FileNotFoundError(f"{out}: {len(missing)} of {req.num_shards} shards missing (first: {missing[0]})")
-    with h5py.File(shard_path(out, 0), "r") as f:
-        height, width = f["images"].shape[1:]
-    n = req.num_samples
-    h5_tmp, npz_tmp = out / ".samples.h5.tmp", out / ".samples.npz.tmp"
+    check_all_shards(req, out)
+    n, size = req.num_samples, req.image_size
+    h5_tmp, npz_tmp = temp_path(out / "samples.h5"), temp_path(out / "samples.npz")
     grid_images = []
     try:
-        with h5py.File(h5_tmp, "w") as dst, zipfile.ZipFile(npz_tmp, "w", allowZip64=True) as npz:
-            images = dst.create_dataset("images", (n, height, width), dtype=np.uint8, chunks=(1, height, width))
+        with h5py.File(h5_tmp, "w", locking=False) as dst, zipfile.ZipFile(npz_tmp, "w", allowZip64=True) as npz:
+            images = dst.create_dataset("images", (n, size, size), dtype=np.uint8, chunks=(1, size, size))
             seeds = dst.create_dataset("seed", (n,), dtype=np.int64)
             dst.attrs.update({k: v for k, v in asdict(req).items() if k not in ("batch_size", "shard_size")})
             with npz.open("arr_0.npy", "w", force_zip64=True) as arr:
-                header = {"descr": "|u1", "fortran_order": False, "shape": (n, height, width, 1)}
+                header = {"descr": "|u1", "fortran_order": False, "shape": (n, size, size, 1)}
                 np.lib.format.write_array_header_2_0(arr, header)
                 for shard in range(req.num_shards):
                     rows = req.shard_range(shard)
-                    with h5py.File(shard_path(out, shard), "r") as src:
-                        block = src["images"][:]
-                        images[rows.start : rows.stop] = block
-                        seeds[rows.start : rows.stop] = src["seed"][:]
+                    block, why = read_shard(req, out, shard)
+                    if block is None:  # changed since the check
+                        raise ShardError(f"{shard_path(out, shard)}: {why}; rerun the same sampling command")
+                    images[rows.start : rows.stop] = block
+                    seeds[rows.start : rows.stop] = [image_seed(req.seed, i) for i in rows]
                     arr.write(block.tobytes())
                     if sum(len(g) for g in grid_images) < grid_size:
                         grid_images.append(block[: grid_size - sum(len(g) for g in grid_images)])
@@ -167,6 +279,6 @@ def merge(out: Path, grid_size: int = 64) -> Path:
 def save_grid(images: np.ndarray, path: Path, nrow: int = 8) -> None:
     """uint8 (B, H, W) -> one PNG grid, written atomically."""
     grid = make_grid(torch.from_numpy(images[:, None]).float() / 255, nrow=nrow, padding=2, pad_value=1)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     save_image(grid, tmp, format="png")
     os.replace(tmp, path)

@@ -8,24 +8,61 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+from oasis_ldm.diffusion import PRECISIONS
 from oasis_ldm.distributed import pick_device
 from oasis_ldm.sampling.pipeline import load_pipeline
 from oasis_ldm.sampling.shards import generate_shards, request_for, write_request
 
 
-def worker_from_env() -> tuple[int, int]:
-    """(worker, workers): a SLURM array task, a task of `srun`, a torchrun rank, or alone."""
-    pairs = [
-        ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
-        ("SLURM_PROCID", "SLURM_NTASKS"),
-        ("RANK", "WORLD_SIZE"),
-    ]
-    for index, count in pairs:
-        if index in os.environ and count in os.environ:
-            return int(os.environ[index]), int(os.environ[count])
+class WorkerError(ValueError):
+    """This process cannot tell which share of the shards is its own."""
+
+
+def _task_in_step(env: Mapping[str, str]) -> tuple[int, int]:
+    """(task, tasks) inside one array task or job: a torchrun rank, an srun task, or alone.
+
+    The batch script itself (no srun) is one process whatever --ntasks says: SLURM_PROCID is
+    0 there and SLURM_NTASKS counts the tasks srun would start, so only a step's count is used.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
     return 0, 1
+
+
+def _array_task(env: Mapping[str, str]) -> tuple[int, int]:
+    """(index, count) of this SLURM array task, 0-based, for arrays A-B and A-B:S alike.
+
+    SLURM exports an array's min, max and step but not its list: a list such as 0,3,7
+    (reported as step 1) cannot be numbered 0, 1, 2 and is refused.
+    """
+    task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+    low, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+    high = int(env.get("SLURM_ARRAY_TASK_MAX", str(low + (count - 1) * step)))
+    if step < 1 or low + (count - 1) * step != high or (task - low) % step:
+        raise WorkerError(
+            f"SLURM array {low}-{high} of {count} tasks is not evenly spaced (step {step}): "
+            "submit --array=A-B or --array=A-B:S"
+        )
+    return (task - low) // step, count
+
+
+def worker_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(worker, workers) of this process among all that share the request.
+
+    In a job array each array task runs `tasks` processes (srun tasks or torchrun ranks), so
+    worker = array_index x tasks + task of array_count x tasks; without an array it is the task.
+    """
+    env = os.environ if environ is None else environ
+    task, tasks = _task_in_step(env)
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        index, count = _array_task(env)
+        return index * tasks + task, count * tasks
+    return task, tasks
 
 
 def sample_worker(
@@ -39,11 +76,15 @@ def sample_worker(
     eta: float = 0.0,
     batch_size: int = 32,
     shard_size: int = 256,
+    precision: str | None = None,
     worker: int = 0,
     workers: int = 1,
     device: str = "auto",
 ) -> int:
-    """Make worker `worker`'s missing shards of the request; returns how many it made."""
+    """Make worker `worker`'s missing or bad shards of the request; returns how many it made.
+
+    `precision` None samples in the checkpoint's `train.precision`.
+    """
     local_rank = int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
     pipe, meta = load_pipeline(ckpt, pick_device(device, local_rank))
     req = request_for(
@@ -55,9 +96,22 @@ def sample_worker(
         eta=eta,
         batch_size=batch_size,
         shard_size=shard_size,
+        precision=precision,
     )
     write_request(out, req)
     return generate_shards(pipe, req, out, worker, workers, progress=True)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option that has a default and does not state it itself
+    (argparse's ArgumentDefaultsHelpFormatter also prints "(default: None)" for required flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or action.required or unset:  # `is`: a default of 0 is a default
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def add_request_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +124,13 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard file (the unit of rerun)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="the U-Net's precision: bf16 autocast or fp32; the sampler state and the VAE decoder stay fp32 "
+        "(default: the checkpoint's train.precision)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to sample")
 
 
@@ -83,5 +144,5 @@ def check_request_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> 
 
 def request_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of `sample_worker` that `add_request_args` defines (but ckpt/out)."""
-    keys = ("num_samples", "seed", "sampler", "steps", "eta", "batch_size", "shard_size", "device")
+    keys = ("num_samples", "seed", "sampler", "steps", "eta", "batch_size", "shard_size", "precision", "device")
     return {k: getattr(args, k) for k in keys}
