@@ -4,7 +4,8 @@ A run is fully described by one `Config`. Presets (`oasis_ldm/presets/*.yaml`) a
 files only name the keys they change; everything else keeps the dataclass default, so the
 resolved config written into each run directory is the single source of truth for that run.
 A file may add a `stages:` mapping ({vae: {section: {key: value}}, ldm: ...}) for values that
-differ between the two stages of one model, such as the learning rate and the step count.
+differ between the two stages of one model, such as the learning rate and the step count, and
+a `base:` preset or file that it changes (presets/demo-paired.yaml is presets/demo.yaml with masks).
 Unknown sections or keys are errors: a typo must never silently train the wrong model.
 """
 
@@ -29,6 +30,9 @@ class DataConfig:
     in_memory: bool = True  # read the split into RAM once (OASIS train is ~630 MB)
     augment: str = "flip"  # none | flip | seed (the seed report's resize + random crop)
     num_workers: int = 2  # DataLoader workers for the on-disk mode
+    # Paired mode: the autoencoder encodes each slice with its tissue mask and decodes both, so
+    # the ldm's samples are image-mask pairs (oasis_ldm/data/masks.py). Needs packed masks.
+    masks: bool = False
 
 
 @dataclass
@@ -43,6 +47,8 @@ class VAEConfig:
     l1_weight: float = 1.0
     ssim_weight: float = 0.5
     kl_weight: float = 1e-6
+    mask_ce_weight: float = 1.0  # paired mode: cross-entropy of the decoded class logits
+    mask_dice_weight: float = 0.0  # paired mode: 1 - mean soft Dice over the tissue classes
     adv_weight: float = 0.0  # 0 disables the PatchGAN term
     disc_start: int = 5000  # step at which the adversarial term starts
     disc_channels: int = 64
@@ -235,19 +241,39 @@ def resolve_config_path(name_or_path: str) -> Path:
 STAGES = ("vae", "ldm")
 
 
-def load_config(name_or_path: str = "oasis256", overrides: list[str] | None = None, stage: str | None = None) -> Config:
-    """Defaults <- preset or YAML file <- its `stages.<stage>` values <- `--set section.key=value`."""
-    path = resolve_config_path(name_or_path)
+def _layers(path: Path, seen: frozenset[Path] = frozenset()) -> list[tuple[Path, dict, dict]]:
+    """(path, values, per-stage values) of a file and of the `base:` files it builds on, base first.
+
+    `base:` names a preset or a YAML file (relative to this file's folder): the file then holds
+    only what it changes, as presets/demo-paired.yaml does on presets/demo.yaml.
+    """
     values = load_yaml(path)
+    base = values.pop("base", None)
+    chain: list[tuple[Path, dict, dict]] = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must name a preset or a YAML file, got {base!r}")
+        relative = path.parent / base
+        base_path = resolve_config_path(str(relative) if relative.suffix in (".yaml", ".yml") else base)
+        if base_path.resolve() in seen | {path.resolve()}:
+            raise ConfigError(f"{path}: base {base!r} leads back to itself")
+        chain = _layers(base_path, seen | {path.resolve()})
     per_stage = values.pop("stages", None) or {}
     if not isinstance(per_stage, dict):
         raise ConfigError(f"{path}: stages must be a mapping of vae/ldm to sections, got {type(per_stage).__name__}")
     unknown = set(per_stage) - set(STAGES)
     if unknown:
         raise ConfigError(f"{path}: unknown stage(s) {', '.join(sorted(unknown))} under stages (known: vae, ldm)")
-    cfg = apply_dict(Config(), values, str(path))
-    if stage is not None:
-        cfg = apply_dict(cfg, per_stage.get(stage) or {}, f"{path}: stages.{stage}")
+    return [*chain, (path, values, per_stage)]
+
+
+def load_config(name_or_path: str = "oasis256", overrides: list[str] | None = None, stage: str | None = None) -> Config:
+    """Defaults <- each file of the `base:` chain (its values, then its `stages.<stage>`) <- `--set`."""
+    cfg = Config()
+    for path, values, per_stage in _layers(resolve_config_path(name_or_path)):
+        cfg = apply_dict(cfg, values, str(path))
+        if stage is not None:
+            cfg = apply_dict(cfg, per_stage.get(stage) or {}, f"{path}: stages.{stage}")
     cfg = apply_dict(cfg, parse_overrides(overrides or []), "--set")
     validate(cfg)
     return cfg

@@ -132,6 +132,32 @@ def tiny_h5(tmp_path_factory) -> Path:
     return root / "tiny.h5"
 
 
+def blob_masks(images: np.ndarray) -> np.ndarray:
+    """Tissue-like masks of blob images: bright core white matter, rim grey matter, edge CSF."""
+    levels = np.select([images > 170, images > 90, images > 25], [255, 170, 85], 0)
+    return levels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_paired_h5(tmp_path_factory) -> Path:
+    """`tiny_h5` with masks: 16 train / 8 validate / 4 test 32x32 slices and their masks."""
+    from oasis_ldm.data.pack import PackOptions, pack
+
+    root = tmp_path_factory.mktemp("tiny_paired")
+    counts = {"train": 16, "validate": 8, "test": 4}
+    for s, (split, n) in enumerate(counts.items()):
+        images, masks = root / "src" / f"keras_png_slices_{split}", root / "src" / f"keras_png_slices_seg_{split}"
+        images.mkdir(parents=True)
+        masks.mkdir(parents=True)
+        slices = blob_images(n, 32, seed=s)
+        for i, (image, mask) in enumerate(zip(slices, blob_masks(slices), strict=True)):
+            name = f"{100 * s + i // 4:03d}_slice_{i % 4}.nii.png"
+            Image.fromarray(image).save(images / f"case_{name}")
+            Image.fromarray(mask).save(masks / f"seg_{name}")
+    pack(root / "src", root / "tiny.h5", PackOptions(workers=0, progress=False))
+    return root / "tiny.h5"
+
+
 def train_cmd(stage: str, run_dir: Path, data: Path, *overrides: str) -> list[str]:
     sets = [f"--set={o}" for o in [f"data.path={data}", *overrides]]
     return [

@@ -36,8 +36,11 @@ __all__ = [
 
 
 def build_vae(cfg: Config) -> AutoencoderKL:
-    """The greyscale autoencoder of `cfg.vae`."""
-    return AutoencoderKL(cfg.vae, in_channels=1)
+    """The autoencoder of `cfg.vae`: greyscale slices, or slices with their masks (`data.masks`)."""
+    from oasis_ldm.data.masks import NUM_CLASSES
+
+    channels = 1 + NUM_CLASSES if cfg.data.masks else 1
+    return AutoencoderKL(cfg.vae, in_channels=channels)
 
 
 def build_unet(cfg: Config) -> UNet:

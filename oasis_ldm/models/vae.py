@@ -173,16 +173,19 @@ class AutoencoderKL(nn.Module):
 
     Outputs are unbounded (no tanh): the data is scaled to [-1, 1] and the L1/SSIM losses keep the
     reconstruction there, while a tanh would saturate gradients at the bright white matter.
+    A paired model (`oasis_ldm.data.masks`) reads a slice and its one-hot mask and decodes the
+    slice and one logit per class: `out_channels` defaults to `in_channels`.
     """
 
-    def __init__(self, cfg: VAEConfig, in_channels: int = 1) -> None:
+    def __init__(self, cfg: VAEConfig, in_channels: int = 1, out_channels: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         z = cfg.latent_channels
         self.encoder = Encoder(cfg, in_channels)
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
         self.post_quant_conv = nn.Conv2d(z, z, 1)
-        self.decoder = Decoder(cfg, in_channels)
+        self.decoder = Decoder(cfg, self.out_channels)
 
     @property
     def factor(self) -> int:

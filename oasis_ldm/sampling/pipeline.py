@@ -25,9 +25,10 @@ from torch import nn
 
 from oasis_ldm import checkpoint
 from oasis_ldm.config import from_dict
+from oasis_ldm.data.masks import decode_mask, split_output
 from oasis_ldm.data.transforms import to_uint8
 from oasis_ldm.diffusion import GaussianDiffusion, autocast_model, per_image_randn
-from oasis_ldm.models import AutoencoderKL, UNet
+from oasis_ldm.models import AutoencoderKL, UNet, build_vae
 from oasis_ldm.seeding import derive_seed
 
 
@@ -51,8 +52,13 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def paired(self) -> bool:
+        """Whether the autoencoder decodes a tissue mask with each slice (data.masks)."""
+        return self.vae.out_channels > 1
+
     @torch.no_grad()
-    def generate(
+    def generate_pairs(
         self,
         seeds: Sequence[int],
         sampler: str = "ddim",
@@ -60,8 +66,10 @@ class Pipeline:
         eta: float = 0.0,
         progress: bool = False,
         precision: str | None = None,
-    ) -> torch.Tensor:
-        """uint8 images (B, 1, H, W), image b drawn from `seeds[b]` alone; `precision` None: the pipeline's."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 images (B, 1, H, W), image b drawn from `seeds[b]` alone, and for a paired model
+        their uint8 masks (B, 1, H, W) in `schema.MASK_VALUES` (else None); `precision` None:
+        the pipeline's."""
         unet = autocast_model(self.unet, precision or self.precision)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x_T = per_image_randn(self.latent_shape, gens, self.device)
@@ -71,7 +79,15 @@ class Pipeline:
             z = self.diffusion.ddim_sample(unet, x_T, steps, eta, gens, progress=progress)
         else:
             raise ValueError(f"sampler={sampler!r}: expected ddim or ddpm")
-        return to_uint8(self.vae.decode(z / self.scale_factor).clamp(-1, 1))
+        out = self.vae.decode(z / self.scale_factor)
+        if not self.paired:
+            return to_uint8(out.clamp(-1, 1)), None
+        image, logits = split_output(out)
+        return to_uint8(image.clamp(-1, 1)), decode_mask(logits)
+
+    def generate(self, seeds: Sequence[int], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The images of `generate_pairs` alone."""
+        return self.generate_pairs(seeds, *args, **kwargs)[0]
 
 
 def read_checkpoint(path_or_run: str | Path, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,7 +116,7 @@ def load_frozen_vae(
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
     """The EMA weights of a vae checkpoint, in eval mode without gradients, and its metadata."""
     saved, meta = read_checkpoint(path_or_run, "vae")
-    vae = AutoencoderKL(meta["config"].vae)
+    vae = build_vae(meta["config"])
     vae.load_state_dict(saved["ema"]["model"])
     return vae.to(device).eval().requires_grad_(False), meta
 
@@ -113,7 +129,7 @@ def load_pipeline(path_or_run: str | Path, device: torch.device | str = "cpu") -
     saved, meta = read_checkpoint(path_or_run, "ldm")
     device = torch.device(device)
     cfg, extra = meta["config"], saved["extra"]
-    vae = AutoencoderKL(from_dict(extra["vae_config"]).vae)
+    vae = build_vae(from_dict(extra["vae_config"]))
     vae.load_state_dict(extra["vae_weights"])
     vae = vae.to(device).eval().requires_grad_(False)
     unet = UNet(cfg.unet, in_channels=vae.latent_channels)

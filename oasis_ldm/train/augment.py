@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from oasis_ldm.data.masks import pair_input
 from oasis_ldm.data.transforms import AugmentParams, apply_params, sample_params, to_float
 from oasis_ldm.train.context import StepContext
 
@@ -30,12 +31,29 @@ def global_params(n: int, height: int, width: int, mode: str, ctx: StepContext) 
     )
 
 
-def prepare_images(batch: torch.Tensor, mode: str, ctx: StepContext) -> torch.Tensor:
-    """uint8 (B, 1, H, W) from the loader -> augmented float [-1, 1] on the device."""
-    x = to_float(batch.to(ctx.env.device, non_blocking=True))
-    if mode == "none":
-        return x
-    return apply_params(x, global_params(x.shape[0], x.shape[-2], x.shape[-1], mode, ctx))
+def prepare_batch(batch: torch.Tensor | list[torch.Tensor], mode: str, ctx: StepContext) -> Batch:
+    """The loader's uint8 (B, 1, H, W) images, or [images, masks] in paired mode, on the device:
+    float images in [-1, 1] and uint8 masks, both given the same augmentation (masks nearest)."""
+    images, masks = batch if isinstance(batch, (list, tuple)) else (batch, None)
+    x = to_float(images.to(ctx.env.device, non_blocking=True))
+    m = None if masks is None else masks.to(ctx.env.device, non_blocking=True)
+    if mode != "none":
+        params = global_params(x.shape[0], x.shape[-2], x.shape[-1], mode, ctx)
+        x = apply_params(x, params)
+        m = None if m is None else apply_params(m, params, nearest=True)
+    return Batch(x, m)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One micro-batch as the models see it."""
+
+    images: torch.Tensor  # float (B, 1, H, W) in [-1, 1]
+    masks: torch.Tensor | None  # uint8 (B, 1, H, W) mask values, paired mode only
+
+    def model_input(self) -> torch.Tensor:
+        """What the autoencoder encodes: the images, or images and one-hot masks (data/masks.py)."""
+        return self.images if self.masks is None else pair_input(self.images, self.masks)
 
 
 def flip_latents(z: torch.Tensor, mode: str, ctx: StepContext) -> torch.Tensor:

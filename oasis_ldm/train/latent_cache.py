@@ -13,6 +13,7 @@ Geometric augmentation in latent space is limited to horizontal flips.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -22,21 +23,22 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from oasis_ldm.data.dataset import OasisH5Dataset
-from oasis_ldm.data.transforms import to_float
 from oasis_ldm.distributed import DistEnv, barrier, on_rank0
-from oasis_ldm.models import AutoencoderKL
+from oasis_ldm.models import DiagonalGaussian
 
 ENCODE_BATCH = 32
 
 
+Encode = Callable[[list[int]], DiagonalGaussian]  # rows of the split -> their posteriors
+
+
 @torch.no_grad()
-def _encode_part(path: Path, images: OasisH5Dataset, vae: AutoencoderKL, env: DistEnv) -> None:
-    rows = list(range(env.rank, len(images), env.world_size))
+def _encode_part(path: Path, rows_total: int, encode: Encode, env: DistEnv) -> None:
+    rows = list(range(env.rank, rows_total, env.world_size))
     with h5py.File(path, "w") as f:
         mean_ds = std_ds = None
         for i in tqdm(range(0, len(rows), ENCODE_BATCH), desc="latent cache", disable=not env.is_main):
-            x = to_float(images.read_raw(rows[i : i + ENCODE_BATCH]).to(env.device))
-            posterior = vae.encode(x)
+            posterior = encode(rows[i : i + ENCODE_BATCH])
             mean, std = (t.half().cpu().numpy() for t in (posterior.mean, posterior.std))
             if mean_ds is None:
                 shape = (len(rows), *mean.shape[1:])
@@ -81,13 +83,17 @@ def is_current(path: Path, expected: dict[str, str | int]) -> bool:
 
 
 def build_latent_cache(
-    out: Path, images: OasisH5Dataset, vae: AutoencoderKL, env: DistEnv, made_by: dict[str, str]
+    out: Path, images: OasisH5Dataset, encode: Encode, env: DistEnv, made_by: dict[str, str]
 ) -> Path:
-    """Every rank calls this together; returns the cache path once it is complete and current."""
+    """Every rank calls this together; returns the cache path once it is complete and current.
+
+    `encode` maps rows of `images` to their posteriors (the slices, with their masks in
+    paired mode); `made_by` names the autoencoder and data, checked against an existing cache.
+    """
     expected = fingerprint(images, made_by)
     if not on_rank0(lambda: is_current(out, expected)):
         part = out.with_name(f"{out.stem}.part{env.rank}.h5")
-        _encode_part(part, images, vae, env)
+        _encode_part(part, len(images), encode, env)
         barrier()
         if env.is_main:
             parts = [out.with_name(f"{out.stem}.part{r}.h5") for r in range(env.world_size)]

@@ -20,10 +20,10 @@ from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.transforms import to_float
 from oasis_ldm.diffusion import GaussianDiffusion
 from oasis_ldm.distributed import DistEnv, barrier, broadcast
-from oasis_ldm.models import UNet
+from oasis_ldm.models import DiagonalGaussian, UNet
 from oasis_ldm.sampling.pipeline import Pipeline, image_seed, load_frozen_vae
 from oasis_ldm.seeding import make_generator
-from oasis_ldm.train.augment import flip_latents, prepare_images
+from oasis_ldm.train.augment import Batch, flip_latents, prepare_batch
 from oasis_ldm.train.context import StepContext
 from oasis_ldm.train.latent_cache import LatentDataset, build_latent_cache
 
@@ -49,7 +49,9 @@ class LDMStage:
         self.models: dict[str, nn.Module] = {"unet": unet}
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(env.device)
         d = cfg.data
-        self.images = OasisH5Dataset(d.path, d.split, in_memory=d.in_memory, image_size=d.image_size, raw=True)
+        self.images = OasisH5Dataset(
+            d.path, d.split, in_memory=d.in_memory, image_size=d.image_size, with_mask=d.masks, raw=True
+        )
         self.scale_factor: float | None = None
         self._dataset: torch.utils.data.Dataset | None = None
 
@@ -62,7 +64,7 @@ class LDMStage:
         if self._dataset is None:
             if self.cfg.ldm.latent_cache:
                 made_by = {"vae_sha256": self.vae_sha256, "data_path": str(Path(self.cfg.data.path).resolve())}
-                path = build_latent_cache(self.run_dir / "latents.h5", self.images, self.vae, self.env, made_by)
+                path = build_latent_cache(self.run_dir / "latents.h5", self.images, self.encode_rows, self.env, made_by)
                 self._dataset = LatentDataset(path)
             else:
                 self._dataset = self.images
@@ -91,11 +93,17 @@ class LDMStage:
         dev_gen = make_generator(self.env.device, self.cfg.train.seed, 0x5CA1E)
         latents = []
         for i in range(0, n, SCALE_CHUNK):
-            x = self.images.read_raw(rows[i : i + SCALE_CHUNK]).to(self.env.device)
-            posterior = self.vae.encode(to_float(x))
+            posterior = self.encode_rows(rows[i : i + SCALE_CHUNK])
             noise = torch.randn(posterior.mean.shape, generator=dev_gen, device=self.env.device)
             latents.append((posterior.mean + posterior.std * noise).double().flatten())
         return 1.0 / torch.cat(latents).std().item()
+
+    @torch.no_grad()
+    def encode_rows(self, rows: list[int]) -> DiagonalGaussian:
+        """Posteriors of rows of the training split, unaugmented, in fp32 (with masks, paired)."""
+        masks = self.images.read_raw(rows, mask=True).to(self.env.device) if self.cfg.data.masks else None
+        images = to_float(self.images.read_raw(rows).to(self.env.device))
+        return self.vae.encode(Batch(images, masks).model_input())
 
     def latents(self, batch: Any, ctx: StepContext) -> torch.Tensor:
         """Scaled posterior samples z * scale for this micro-batch.
@@ -108,9 +116,9 @@ class LDMStage:
             z = mean + std * ctx.randn(tuple(mean.shape), POSTERIOR_NOISE)
             z = flip_latents(z, self.cfg.data.augment, ctx)
         else:
-            x = prepare_images(batch, self.cfg.data.augment, ctx)
+            b = prepare_batch(batch, self.cfg.data.augment, ctx)
             with torch.no_grad():
-                posterior = self.vae.encode(x)
+                posterior = self.vae.encode(b.model_input())
             mean, std = posterior.mean.float(), posterior.std.float()
             z = mean + std * ctx.randn(tuple(mean.shape), POSTERIOR_NOISE)
         return z * self.scale_factor
@@ -126,19 +134,25 @@ class LDMStage:
 
     @torch.no_grad()
     def log_images(self, ema_model: nn.Module, logger: Any, step: int) -> None:
-        """EMA samples from fixed noise (rank 0 only; a few seconds on a GPU)."""
+        """EMA samples from fixed noise (rank 0 only; a few seconds on a GPU); in paired mode
+        each row of 8 slices is followed by the row of their masks."""
         if not logger.enabled:
             return
         pipe = self.pipeline(ema_model)
         seeds = [image_seed(LOG_SEED, i) for i in range(self.cfg.train.num_log_images)]
         d = self.cfg.diffusion
-        images = pipe.generate(seeds, d.sampler, d.sample_steps, d.eta)
-        logger.images(step, "images/ema_samples", images)
+        images, masks = pipe.generate_pairs(seeds, d.sampler, d.sample_steps, d.eta)
+        if masks is not None:
+            rows = [torch.cat([images[i : i + 8], masks[i : i + 8]]) for i in range(0, len(images), 8)]
+            images = torch.cat(rows)
+        logger.images(step, "images/ema_samples", images, nrow=min(8, len(seeds)))
 
     def pipeline(self, unet: nn.Module) -> Pipeline:
+        """The model as sampling sees it, in the precision of training (as load_pipeline does)."""
         c = self.vae.latent_channels
         shape = (c, self.latent_size, self.latent_size)
-        return Pipeline(unet, self.vae, self.diffusion, float(self.scale_factor), shape)
+        scale = float(self.scale_factor)
+        return Pipeline(unet, self.vae, self.diffusion, scale, shape, precision=self.cfg.train.precision)
 
     def state(self) -> dict[str, Any]:
         return {

@@ -56,3 +56,17 @@ def _ssim_fp32(x: torch.Tensor, y: torch.Tensor, data_range: float, size: int, s
 def ssim_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - SSIM on [-1, 1] images (Gaussian window 11, sigma 1.5)."""
     return 1.0 - ssim(recon, target, data_range=2.0)
+
+
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice of the tissue classes (all but background) over the batch, in fp32.
+
+    Cross-entropy is dominated by the background's pixels; Dice weighs each tissue by its own
+    area, so thin CSF counts as much as white matter.
+    """
+    with torch.autocast(logits.device.type, enabled=False):
+        probs = logits.float().softmax(dim=1)[:, 1:]
+        target = torch.nn.functional.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+        inter = (probs * target).sum(dim=(2, 3))
+        total = probs.sum(dim=(2, 3)) + target.sum(dim=(2, 3))
+        return 1.0 - ((2 * inter + eps) / (total + eps)).mean()

@@ -91,6 +91,11 @@ def check_data(cfg: Config) -> None:
     if cfg.data.split not in info.splits:
         packed = ", ".join(info.splits)
         raise StartError(f"data.path={path}: no split {cfg.data.split!r} in this file (packed: {packed})")
+    if cfg.data.masks and not info.splits[cfg.data.split].has_masks:
+        raise StartError(
+            f"data.path={path}: data.masks=true needs masks, and split {cfg.data.split!r} has none "
+            "(pack the keras_png_slices_seg_* folders with it)"
+        )
 
 
 def check_vae(cfg: Config) -> None:
@@ -104,6 +109,12 @@ def check_vae(cfg: Config) -> None:
     except checkpoint.CheckpointError as e:
         raise StartError(f"ldm.vae_ckpt={cfg.ldm.vae_ckpt}: {e}") from None
     vae_cfg = meta["config"]
+    if vae_cfg.data.masks != cfg.data.masks:
+        kind = "encodes slices with their masks" if vae_cfg.data.masks else "encodes slices alone"
+        raise StartError(
+            f"ldm.vae_ckpt={cfg.ldm.vae_ckpt} {kind}: set data.masks={str(vae_cfg.data.masks).lower()} "
+            "for its ldm run too"
+        )
     trained_at, size = vae_cfg.data.image_size, cfg.data.image_size
     if trained_at != size:
         raise StartError(

@@ -1,5 +1,9 @@
 """Stage `vae`: the KL autoencoder with L1 + SSIM + KL and an optional PatchGAN term.
 
+In paired mode (`data.masks`) it encodes each slice with its tissue mask and decodes both; the
+mask's class logits add a cross-entropy term (and optionally soft Dice), so the latent, and
+the ldm trained on it, carry the anatomy's labels with its pixels.
+
 No pretrained perceptual network can be downloaded, so SSIM stands in for LPIPS: it rewards
 local structure (edges between grey and white matter) that L1 alone blurs away. The
 adversarial term (hinge loss, fixed weight) switches on after `vae.disc_start` steps, once
@@ -13,16 +17,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oasis_ldm.config import Config
 from oasis_ldm.data.dataset import OasisH5Dataset
+from oasis_ldm.data.masks import decode_mask, split_output, to_labels
 from oasis_ldm.data.transforms import to_float, to_uint8
 from oasis_ldm.distributed import DistEnv
 from oasis_ldm.models import build_discriminator, build_vae, generator_adv_loss, hinge_d_loss
-from oasis_ldm.train.augment import prepare_images
+from oasis_ldm.train.augment import Batch, prepare_batch
 from oasis_ldm.train.context import StepContext
-from oasis_ldm.train.losses import ssim_loss
+from oasis_ldm.train.losses import soft_dice_loss, ssim_loss
 
 POSTERIOR_NOISE = 1  # `purpose` ids keep the step's random streams apart
 
@@ -49,7 +55,9 @@ class VAEStage:
         if cfg.vae.adv_weight > 0:
             self.models["disc"] = build_discriminator(cfg).to(env.device)
         d = cfg.data
-        self.dataset = OasisH5Dataset(d.path, d.split, in_memory=d.in_memory, image_size=d.image_size, raw=True)
+        self.dataset = OasisH5Dataset(
+            d.path, d.split, in_memory=d.in_memory, image_size=d.image_size, with_mask=d.masks, raw=True
+        )
         self.log_batch = log_images_batch(cfg, self.dataset)
 
     def lr(self, model: str) -> float:
@@ -60,18 +68,22 @@ class VAEStage:
 
     def backward(self, wrapped: dict[str, nn.Module], batch: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
         v = self.cfg.vae
-        x = prepare_images(batch, self.cfg.data.augment, ctx)
+        b = prepare_batch(batch, self.cfg.data.augment, ctx)
+        x = b.images
         f, c = self.models["vae"].factor, v.latent_channels
         noise = ctx.randn((x.shape[0], c, x.shape[2] // f, x.shape[3] // f), POSTERIOR_NOISE)
         adversarial = "disc" in self.models and ctx.step > v.disc_start
         with ctx.autocast():
-            recon, posterior = wrapped["vae"](x, noise=noise)
+            out, posterior = wrapped["vae"](b.model_input(), noise=noise)
+            recon, logits = split_output(out) if b.masks is not None else (out, None)
             terms = {
                 "l1": (recon.float() - x).abs().mean(),
                 "ssim": ssim_loss(recon, x),
                 "kl": posterior.kl().float().mean(),
             }
             loss = v.l1_weight * terms["l1"] + v.ssim_weight * terms["ssim"] + v.kl_weight * terms["kl"]
+            if logits is not None:
+                loss = loss + self.mask_terms(logits, b.masks, terms)
             if adversarial:
                 with frozen(self.models["disc"]):
                     terms["g_adv"] = generator_adv_loss(self.models["disc"](recon).float())
@@ -86,17 +98,35 @@ class VAEStage:
         terms["total"] = loss
         return {k: t.detach() for k, t in terms.items()}
 
+    def mask_terms(self, logits: torch.Tensor, masks: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Paired mode: cross-entropy (and soft Dice) of the decoded class logits, in fp32."""
+        v, labels = self.cfg.vae, to_labels(masks)
+        terms["mask_ce"] = F.cross_entropy(logits.float(), labels)
+        loss = v.mask_ce_weight * terms["mask_ce"]
+        if v.mask_dice_weight > 0:
+            terms["mask_dice"] = soft_dice_loss(logits, labels)
+            loss = loss + v.mask_dice_weight * terms["mask_dice"]
+        return loss
+
     @torch.no_grad()
     def log_images(self, ema_model: nn.Module, logger: Any, step: int) -> None:
-        """Inputs (odd rows) above their EMA reconstructions (even rows); rank 0 only, milliseconds."""
+        """Inputs above their EMA reconstructions (and, paired, their masks); rank 0, milliseconds.
+
+        Rows of 8: real slices, their reconstructions, then in paired mode the real masks and
+        the decoded ones (mask values are grey levels: CSF dark, white matter white).
+        """
         if not logger.enabled:
             return
-        x = self.log_batch.to(self.env.device)
-        recon = ema_model(x, sample_posterior=False)[0].clamp(-1, 1)
-        pairs = torch.stack([to_uint8(x), to_uint8(recon)], dim=1)  # (B, 2, 1, H, W)
+        b = Batch(*(t.to(self.env.device) if t is not None else None for t in self.log_batch))
+        out = ema_model(b.model_input(), sample_posterior=False)[0]
+        recon, logits = split_output(out) if b.masks is not None else (out, None)
+        shown = [to_uint8(b.images), to_uint8(recon.clamp(-1, 1))]
+        if logits is not None:
+            shown += [b.masks, decode_mask(logits)]
+        tiles = torch.stack(shown, dim=1)  # (B, kinds, 1, H, W)
         nrow = 8
-        rows = [pairs[i : i + nrow].transpose(0, 1).flatten(0, 1) for i in range(0, len(pairs), nrow)]
-        logger.images(step, "images/input_vs_reconstruction", torch.cat(rows), nrow=min(nrow, len(pairs)))
+        rows = [tiles[i : i + nrow].transpose(0, 1).flatten(0, 1) for i in range(0, len(tiles), nrow)]
+        logger.images(step, "images/input_vs_reconstruction", torch.cat(rows), nrow=min(nrow, len(tiles)))
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -105,13 +135,16 @@ class VAEStage:
         pass
 
 
-def log_images_batch(cfg: Config, train_set: OasisH5Dataset) -> torch.Tensor:
-    """Fixed images for the reconstruction grid: held-out slices where the file has them."""
+def log_images_batch(cfg: Config, train_set: OasisH5Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fixed slices (and masks) for the reconstruction grid: held-out ones where the file has them."""
     n = cfg.train.num_log_images
     try:
-        held_out = OasisH5Dataset(cfg.data.path, "validate", image_size=cfg.data.image_size, raw=True)
+        held_out = OasisH5Dataset(
+            cfg.data.path, "validate", image_size=cfg.data.image_size, with_mask=cfg.data.masks, raw=True
+        )
     except (KeyError, ValueError):
         held_out = train_set
     step = max(1, len(held_out) // n)  # spread over cases and slice levels
-    raw = held_out.read_raw(list(range(0, step * n, step))[: len(held_out)])
-    return to_float(raw)
+    rows = list(range(0, step * n, step))[: len(held_out)]
+    masks = held_out.read_raw(rows, mask=True) if cfg.data.masks else None
+    return to_float(held_out.read_raw(rows)), masks
