@@ -3,10 +3,17 @@
 Both compare against one split of the packed file, resized to the resolution the model was
 trained at (recorded in its checkpoint, or in samples.h5 by the sampler). Reports are plain
 dicts ready for JSON; `side_by_side` makes the picture that goes with them.
+
+Paired figures come twice: over the whole image, and inside the brain of the real slice
+(`*_brain`: the split's masks > 0 where it has masks, else the slice's foreground; see
+`oasis_ldm.metrics.region`), because the black background that fills about 70 % of an OASIS
+slice is reproduced by any model and inflates the whole-image figures. Everything runs in
+plain float32 (`ieee_float32`), so a report made on a GPU matches the CPU's.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +25,26 @@ from tqdm.auto import tqdm
 from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.transforms import to_float, to_uint8
 from oasis_ldm.metrics import (
+    MAX_PSNR,
+    MEMORISATION_THRESHOLD,
     ReconstructionMeter,
+    brain_region,
     extract_features,
     frechet_distance,
+    ieee_float32,
     kernel_inception_distance,
     load_inception,
     mean_pairwise_ms_ssim,
     ms_ssim_scales,
     nearest_training_ssim,
+    paired_figures,
+    summarise_neighbour_ssim,
 )
 from oasis_ldm.sampling.pipeline import load_frozen_vae
 
 PROVENANCE = ("checkpoint", "checkpoint_sha256", "checkpoint_step", "sampler", "steps", "eta", "seed")
+PICTURE_SIDE = 256  # smaller slices are enlarged by a whole factor in the pictures, so anatomy shows
+OUTLINE_RGB = (255, 176, 0)  # the brain region's outline in the pictures: amber, apart from any grey
 
 
 class EvaluationError(ValueError):
@@ -43,30 +58,75 @@ def load_split(data: str | Path, split: str, image_size: int | None) -> OasisH5D
         raise EvaluationError(str(e)) from None
 
 
-def side_by_side(left: torch.Tensor, right: torch.Tensor, rows: int = 8) -> torch.Tensor:
-    """uint8 (B, 1, H, W) pairs -> one (1, H', W') grid: each row is `left[i] | right[i]`."""
-    pairs = torch.stack([left[:rows], right[:rows]], dim=1).flatten(0, 1)
+def has_masks(real: OasisH5Dataset) -> bool:
+    """Whether the split was packed with its segmentation masks."""
+    return real.info.splits[real.split].has_masks
+
+
+def region_rule(real: OasisH5Dataset) -> str:
+    """How the split's brain region is found: "masks" (mask > 0) or "foreground" (no masks)."""
+    return "masks" if has_masks(real) else "foreground"
+
+
+def real_regions(real: OasisH5Dataset, indices: list[int], images: torch.Tensor) -> torch.Tensor:
+    """Bool (B, 1, S, S) brain region of the split's rows ``indices`` (``images`` are those rows)."""
+    return brain_region(images, real.read_raw(indices, mask=True) if has_masks(real) else None)
+
+
+def side_by_side(
+    left: torch.Tensor, right: torch.Tensor, region: torch.Tensor | None = None, rows: int = 8
+) -> torch.Tensor:
+    """uint8 (B, 1, H, W) pairs -> one RGB (3, H', W') grid: each row is `left[i] | right[i]`.
+
+    Slices under PICTURE_SIDE px are enlarged by a whole factor (nearest, each pixel a square).
+    ``region`` (bool, the real slice's brain) is outlined on both images, just outside its
+    pixels: it shows where the in-brain figures are measured, and whether the reconstruction
+    or sample stays within the real slice's outline.
+    """
     from torchvision.utils import make_grid
 
-    return make_grid(pairs, nrow=2, padding=2, pad_value=255)
+    factor = max(1, -(-PICTURE_SIDE // left.shape[-1]))
+    pairs = torch.stack([left[:rows], right[:rows]], dim=1).flatten(0, 1)
+    tiles = pairs.repeat_interleave(factor, -2).repeat_interleave(factor, -1).expand(-1, 3, -1, -1).clone()
+    if region is not None:
+        edge = outline(region[:rows].repeat_interleave(factor, -2).repeat_interleave(factor, -1))
+        edge = edge.repeat_interleave(2, 0)[:, 0]  # the same outline on both images of a row
+        for c, value in enumerate(OUTLINE_RGB):
+            tiles[:, c][edge] = value
+    return make_grid(tiles, nrow=2, padding=2, pad_value=255)
+
+
+def outline(region: torch.Tensor) -> torch.Tensor:
+    """Bool ring of pixels just outside a bool (B, 1, H, W) region (8-connected)."""
+    grown = torch.nn.functional.max_pool2d(region.float(), 3, stride=1, padding=1) > 0
+    return grown & ~region
 
 
 @torch.no_grad()
+@ieee_float32()
 def evaluate_reconstruction(
     vae_ckpt: str | Path, data: str | Path, split: str, *, batch_size: int = 32, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """PSNR / SSIM / MS-SSIM of the VAE's reconstructions (posterior mean) over a split."""
+    """PSNR / SSIM / MS-SSIM of the VAE's reconstructions (posterior mean) over a split,
+    over the whole image and inside the brain."""
     vae, meta = load_frozen_vae(vae_ckpt, device)
     size = meta["config"].data.image_size
     images = load_split(data, split, size)
     meter = ReconstructionMeter(ms_ssim_scales=ms_ssim_scales(size))
     for start in tqdm(range(0, len(images), batch_size), desc="reconstruction", unit="batch"):
-        real = images.read_raw(range(start, min(start + batch_size, len(images))))
-        meter.update(real, reconstruct(vae, real, device))
+        rows = list(range(start, min(start + batch_size, len(images))))
+        real = images.read_raw(rows)
+        meter.update(real, reconstruct(vae, real, device), real_regions(images, rows, real))
     spread = torch.linspace(0, len(images) - 1, min(8, len(images))).round().long().tolist()  # cases, levels
     shown = images.read_raw(spread)
-    picture = side_by_side(shown, reconstruct(vae, shown, device))
-    report = {**meter.compute(), "split": split, "image_size": size, "ms_ssim_scales": ms_ssim_scales(size)}
+    picture = side_by_side(shown, reconstruct(vae, shown, device), real_regions(images, spread, shown))
+    report = {
+        **meter.compute(),
+        "region": region_rule(images),
+        "split": split,
+        "image_size": size,
+        "ms_ssim_scales": ms_ssim_scales(size),
+    }
     report.update(checkpoint=meta["path"], checkpoint_sha256=meta["sha256"], checkpoint_step=meta["step"])
     return report, picture
 
@@ -97,6 +157,7 @@ def check_sizes(samples: torch.Tensor, attrs: dict[str, Any], data: Path, real: 
 
 
 @torch.no_grad()
+@ieee_float32()
 def evaluate_samples(
     samples_path: str | Path,
     data: str | Path,
@@ -118,32 +179,87 @@ def evaluate_samples(
         raise EvaluationError(f"need at least two samples and two {split} slices (got {n} and {len(real)})")
     real_images = real.read_raw(range(len(real)))
     nn = nearest_training_ssim(samples, real_images, top_k=top_k, device=device)
-    summary = nn.summary()
+    figures = neighbour_figures(samples, real, real_images, nn.index, device)
     gen = torch.Generator().manual_seed(seed)
     subset = real_images[torch.randperm(len(real), generator=gen)[: min(n, len(real))]]
-    scales = ms_ssim_scales(samples.shape[-1])
     report: dict[str, Any] = {
-        "nn_ssim_mean": summary["mean"],
-        "nn_ssim_p10": summary["p10"],
-        "nn_ssim_p50": summary["p50"],
-        "nn_ssim_p90": summary["p90"],
-        "nn_ssim_frac_above_0.6": summary["frac_above"],
+        **neighbour_summary("nn_ssim", nn.ssim),
+        **neighbour_summary("nn_ssim_brain", figures["ssim_brain"]),
+        "nn_psnr_mean": capped_mean(figures["psnr"]),
+        "nn_psnr_brain_mean": capped_mean(figures["psnr_brain"]),
+        "nn_brain_fraction": float(figures["brain_fraction"].double().mean()),
+        "nn_n_brain": int((~torch.isnan(figures["ssim_brain"])).sum()),  # neighbours with some brain
+        "region": region_rule(real),
         "diversity_ms_ssim": mean_pairwise_ms_ssim(samples, max_pairs=max_pairs, generator=gen, device=device),
         "real_diversity_ms_ssim": mean_pairwise_ms_ssim(subset, max_pairs=max_pairs, generator=gen, device=device),
         "n": n,
         "n_real": len(real),
         "split": split,
-        "ms_ssim_scales": scales,
+        "ms_ssim_scales": ms_ssim_scales(samples.shape[-1]),
         "samples": str(samples_path),
         **{k: attrs[k] for k in PROVENANCE if k in attrs},
-        "neighbours": [
-            {"case_id": int(real.case_id[i]), "slice_idx": int(real.slice_idx[i]), "ssim": round(float(s), 4)}
-            for i, s in zip(nn.index.tolist(), nn.ssim.tolist(), strict=True)
-        ],
+        "neighbours": neighbour_list(real, nn.index, nn.ssim, figures["ssim_brain"]),
     }
     if inception is not None:
         report.update(inception_scores(inception, samples, real_images, seed, device))
-    return report, side_by_side(samples, real_images[nn.index])
+    shown = nn.index[:8].tolist()
+    picture = side_by_side(samples[:8], real_images[shown], real_regions(real, shown, real_images[shown]))
+    return report, picture
+
+
+def neighbour_figures(
+    samples: torch.Tensor,
+    real: OasisH5Dataset,
+    real_images: torch.Tensor,
+    index: torch.Tensor,
+    device: str | torch.device,
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Whole-image and in-brain figures (`paired_figures`) of each sample against its nearest slice.
+
+    The neighbour is the one the whole-image search chose; only those N pairs are measured
+    again (one SSIM map each, against the N x top_k maps of the search).
+    """
+    parts = []
+    for start in range(0, len(index), batch_size):
+        rows = index[start : start + batch_size].tolist()
+        nearest = real_images[rows]
+        region = real_regions(real, rows, nearest)
+        fake = samples[start : start + batch_size]
+        parts.append({k: v.cpu() for k, v in paired_figures(nearest.to(device), fake, region).items()})
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def neighbour_summary(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    """``prefix``_{mean, p10, p50, p90, frac_above_0.6} of per-sample SSIMs (NaN ones left out)."""
+    kept = values[~torch.isnan(values)]
+    summary = summarise_neighbour_ssim(kept, MEMORISATION_THRESHOLD) if kept.numel() else {}
+    out = {f"{prefix}_{key}": summary.get(key, math.nan) for key in ("mean", "p10", "p50", "p90")}
+    out[f"{prefix}_frac_above_{MEMORISATION_THRESHOLD}"] = summary.get("frac_above", math.nan)
+    return out
+
+
+def capped_mean(psnr: torch.Tensor) -> float:
+    """Mean PSNR with +inf (an exact copy) counted as MAX_PSNR, NaN (an empty region) left out."""
+    kept = psnr[~torch.isnan(psnr)]
+    return float(kept.clamp(max=MAX_PSNR).double().mean()) if kept.numel() else float("nan")
+
+
+def neighbour_list(
+    real: OasisH5Dataset, index: torch.Tensor, ssim: torch.Tensor, ssim_brain: torch.Tensor
+) -> list[dict[str, Any]]:
+    """Every sample's nearest slice (case, slice) with its whole-image and in-brain SSIM."""
+    out = []
+    for i, whole, brain in zip(index.tolist(), ssim.tolist(), ssim_brain.tolist(), strict=True):
+        out.append(
+            {
+                "case_id": int(real.case_id[i]),
+                "slice_idx": int(real.slice_idx[i]),
+                "ssim": round(whole, 4),
+                "ssim_brain": None if math.isnan(brain) else round(brain, 4),  # NaN: the slice has no brain
+            }
+        )
+    return out
 
 
 def inception_scores(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,29 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, quiet_env
+import torch
+from conftest import REPO, blob_images, quiet_env
 from jobs import sample_args
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from oasis_ldm.evaluation import OUTLINE_RGB, evaluate_samples, side_by_side
+
 pytestmark = pytest.mark.slow
+BRAIN_KEYS = {"ssim_brain", "psnr_brain", "brain_fraction", "n_brain", "region"}
+NN_BRAIN_KEYS = {
+    "nn_ssim_brain_mean",
+    "nn_ssim_brain_p10",
+    "nn_ssim_brain_p50",
+    "nn_ssim_brain_p90",
+    "nn_ssim_brain_frac_above_0.6",
+    "nn_psnr_mean",
+    "nn_psnr_brain_mean",
+    "nn_brain_fraction",
+    "nn_n_brain",
+    "region",
+}
+MASK_LEVEL = 60  # masks of the fixture: brain where a blob is brighter than this (less than its foreground)
 
 
 def evaluate(*args: str | Path) -> subprocess.CompletedProcess:
@@ -30,6 +49,32 @@ def tiny_samples(tmp_path_factory, tiny_ldm) -> Path:
     return out / "samples.h5"
 
 
+@pytest.fixture(scope="module")
+def masked_h5(tmp_path_factory) -> Path:
+    """A packed file of smooth 32x32 blobs with masks (255 above MASK_LEVEL): 8 train, 4 validate, 4 test."""
+    from oasis_ldm.data.pack import PackOptions, pack
+
+    root = tmp_path_factory.mktemp("masked")
+    for s, (split, n) in enumerate({"train": 8, "validate": 4, "test": 4}.items()):
+        images, masks = root / "src" / f"keras_png_slices_{split}", root / "src" / f"keras_png_slices_seg_{split}"
+        images.mkdir(parents=True)
+        masks.mkdir(parents=True)
+        for i, image in enumerate(blob_images(n, 32, seed=10 + s)):
+            name = f"{100 * s + i // 4:03d}_slice_{i % 4}.nii.png"
+            Image.fromarray(image).save(images / f"case_{name}")
+            Image.fromarray(np.where(image > MASK_LEVEL, 255, 0).astype(np.uint8)).save(masks / f"seg_{name}")
+    pack(root / "src", root / "masked.h5", PackOptions(workers=0, progress=False))
+    return root / "masked.h5"
+
+
+def write_samples(path: Path, images: np.ndarray) -> Path:
+    """A samples.h5 as the sampler writes it, minus the provenance: uint8 (N, H, W) images and their size."""
+    with h5py.File(path, "w") as f:
+        f["images"] = images
+        f.attrs["image_size"] = images.shape[-1]
+    return path
+
+
 def test_reconstruction_report(tmp_path, tiny_h5, tiny_vae):
     out = evaluate(
         "--data", tiny_h5, "--split", "test", "--vae-ckpt", tiny_vae, "--out", tmp_path / "r.json", "--tb", tiny_vae
@@ -38,11 +83,25 @@ def test_reconstruction_report(tmp_path, tiny_h5, tiny_vae):
     report = json.loads((tmp_path / "r.json").read_text())
     assert {"psnr", "ssim", "ms_ssim", "n"} <= set(report)
     assert report["n"] == 4 and 0 < report["ssim"] <= 1 and report["psnr"] > 0
+    assert set(report) >= BRAIN_KEYS and report["region"] == "foreground"  # tiny_h5 has no masks
+    assert report["n_brain"] == 4 and 0 < report["brain_fraction"] < 1 and 0 < report["ssim_brain"] <= 1
     assert (tmp_path / "r.png").exists()
     events = EventAccumulator(str(tiny_vae / "tb"))
     events.Reload()
-    assert "eval_reconstruction/psnr" in events.Tags()["scalars"]
+    for key in ("psnr", "ssim_brain", "psnr_brain", "brain_fraction"):
+        assert f"eval_reconstruction/{key}" in events.Tags()["scalars"]
     assert "eval_reconstruction/side_by_side" in events.Tags()["images"]
+
+
+def test_reconstruction_brain_region_comes_from_the_masks(tmp_path, masked_h5, tiny_vae):
+    out = evaluate("--data", masked_h5, "--split", "test", "--vae-ckpt", tiny_vae, "--out", tmp_path / "r.json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    with h5py.File(masked_h5, "r") as f:
+        masks, images = f["test/masks"][:], f["test/images"][:]
+    assert report["region"] == "masks"
+    assert report["brain_fraction"] == pytest.approx((masks > 0).mean())
+    assert report["brain_fraction"] < (images > 10).mean()  # the masks, not the (larger) foreground
 
 
 def test_samples_report(tmp_path, tiny_h5, tiny_samples):
@@ -52,9 +111,29 @@ def test_samples_report(tmp_path, tiny_h5, tiny_samples):
     assert {"nn_ssim_mean", "nn_ssim_p10", "diversity_ms_ssim", "real_diversity_ms_ssim", "n"} <= set(report)
     assert report["n"] == 6 and len(report["neighbours"]) == 6
     assert report["nn_ssim_p10"] <= report["nn_ssim_mean"] <= 1
-    assert {"case_id", "slice_idx", "ssim"} == set(report["neighbours"][0])
+    assert {"case_id", "slice_idx", "ssim", "ssim_brain"} == set(report["neighbours"][0])
+    assert set(report) >= NN_BRAIN_KEYS and report["region"] == "foreground"
+    assert report["nn_ssim_brain_p10"] <= report["nn_ssim_brain_mean"] <= 1
     assert "fid" not in report  # only with --inception-weights
     assert (tmp_path / "s.png").exists()
+
+
+def test_samples_that_differ_only_outside_the_brain_score_perfectly_inside(tmp_path, masked_h5):
+    with h5py.File(masked_h5, "r") as f:
+        train, masks = f["train/images"][:4], f["train/masks"][:4]
+    brain = torch.from_numpy(masks > 0)[:, None].float()
+    near = torch.nn.functional.max_pool2d(brain, 13, stride=1, padding=6)[:, 0].numpy() > 0  # SSIM's window reach
+    copies = np.where(near, train, 200).astype(np.uint8)  # the same brains on a bright background
+    samples = write_samples(tmp_path / "samples.h5", copies)
+    out = evaluate("--data", masked_h5, "--split", "train", "--samples", samples, "--out", tmp_path / "s.json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["region"] == "masks"
+    assert [(n["case_id"], n["slice_idx"]) for n in report["neighbours"]] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert all(n["ssim_brain"] == 1.0 and n["ssim"] < 0.9 for n in report["neighbours"])
+    assert report["nn_psnr_brain_mean"] == 100.0  # identical inside: the PSNR cap
+    assert report["nn_psnr_mean"] < 20
+    assert report["nn_brain_fraction"] == pytest.approx((masks > 0).mean())
 
 
 def test_samples_report_with_inception_weights(tmp_path, tiny_h5, tiny_samples):
@@ -133,3 +212,66 @@ def test_help_documents_every_flag():
         "--device",
     ):
         assert flag in out.stdout
+
+
+def test_report_records_threads_sized_from_the_job(tmp_path, tiny_h5):
+    samples = write_samples(tmp_path / "samples.h5", blob_images(4, 32, seed=3))
+    slurm = {"SLURM_CPUS_PER_TASK": "1"}  # torch's default on this machine would be one thread per core
+    for extra, expected in ((slurm, 1), ({**slurm, "OMP_NUM_THREADS": "2"}, 2)):  # the user's choice wins
+        env = quiet_env(**extra)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            if name not in extra:
+                env.pop(name, None)
+        cmd = [sys.executable, str(REPO / "tools" / "evaluate.py"), "--data", str(tiny_h5), "--split", "train"]
+        cmd += ["--samples", str(samples), "--out", str(tmp_path / "s.json")]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert json.loads((tmp_path / "s.json").read_text())["torch_threads"] == expected, extra
+
+
+def test_help_shows_every_default():
+    text = " ".join(evaluate("--help").stdout.split()).split(" options: ")[1]  # past the usage line
+    entries = dict(re.findall(r"(--[a-z-]+) (?:[A-Z_]+|\{[a-z,]+\}) (.*?)(?= --[a-z]|$)", text))
+    required = {"--data", "--out", "--vae-ckpt", "--samples"}  # --vae-ckpt or --samples is required
+    optional = {flag: help for flag, help in entries.items() if flag not in required}
+    assert len(optional) == 8, sorted(optional)
+    for flag, help in optional.items():
+        assert "(default: " in help, (flag, help)
+    assert "(default: test)" in optional["--split"]
+    assert "(default: auto)" in optional["--device"] and "(default: 16)" in optional["--top-k"]
+
+
+def test_picture_enlarges_small_slices_and_outlines_the_real_brain():
+    left = torch.from_numpy(blob_images(3, 32, seed=4))[:, None]
+    right = (left.float() * 0.5).to(torch.uint8)
+    region = torch.zeros(left.shape, dtype=torch.bool)
+    region[:, :, 8:24, 10:20] = True
+    picture = side_by_side(left, right, region)
+    factor, tile = 8, 256  # 32 px slices are shown at 256 px
+    assert picture.shape == (3, 3 * (tile + 2) + 2, 2 * (tile + 2) + 2) and picture.dtype == torch.uint8
+    for row in range(3):
+        for col in range(2):
+            y0, x0 = 2 + row * (tile + 2), 2 + col * (tile + 2)
+            rgb = picture[:, y0 : y0 + tile, x0 : x0 + tile]
+            amber = (rgb == torch.tensor(OUTLINE_RGB, dtype=torch.uint8)[:, None, None]).all(0)
+            inside = region[row, 0].repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+            ring = torch.nn.functional.max_pool2d(inside[None].float(), 3, 1, 1)[0] > 0
+            assert torch.equal(amber, ring & ~inside)  # a one-pixel line just outside, nothing hidden
+            shown = right if col else left
+            expected = shown[row, 0].repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+            assert torch.equal(rgb[0][~amber], expected[~amber])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_samples_report_is_the_same_on_cpu_and_gpu(tmp_path, masked_h5, tiny_h5):
+    """cuDNN's default TF32 convolutions would move SSIM by up to 0.007 per image; the report must not move."""
+    samples = write_samples(tmp_path / "samples.h5", blob_images(6, 32, seed=5))
+    for data in (masked_h5, tiny_h5):  # masks and foreground
+        cpu, cpu_picture = evaluate_samples(samples, data, "train", device="cpu")
+        gpu, gpu_picture = evaluate_samples(samples, data, "train", device="cuda")
+        assert cpu["neighbours"] == gpu["neighbours"]
+        for key, value in cpu.items():
+            if isinstance(value, float):
+                assert gpu[key] == pytest.approx(value, abs=1e-5), key
+        assert torch.equal(cpu_picture, gpu_picture)

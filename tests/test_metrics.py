@@ -18,8 +18,10 @@ from oasis_ldm.metrics import (
     InceptionFeatures,
     ReconstructionMeter,
     as_unit,
+    brain_region,
     extract_features,
     feature_stats,
+    foreground,
     frechet_distance,
     frechet_distance_from_stats,
     kernel_inception_distance,
@@ -29,6 +31,7 @@ from oasis_ldm.metrics import (
     ms_ssim_betas,
     ms_ssim_scales,
     nearest_training_ssim,
+    paired_figures,
     psnr,
     reconstruction_metrics,
     ssim,
@@ -107,11 +110,11 @@ def _gaussian_blur(a: np.ndarray, sigma: float, radius: int) -> np.ndarray:
     return sum(t * cols[:, k : k + w] for k, t in enumerate(taps))
 
 
-def _reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
-    """Wang et al. SSIM, Gaussian window 11 (sigma 1.5), K1 0.01, K2 0.03, data range 1.
+def _reference_ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Wang et al. SSIM map, Gaussian window 11 (sigma 1.5), K1 0.01, K2 0.03, data range 1.
 
-    Borders: the image is mirror-padded (edge not repeated) and the SSIM map averaged over
-    the whole image, the convention oasis_ldm.metrics documents.
+    Borders: the image is mirror-padded (edge not repeated), so the map covers the whole
+    image, the convention oasis_ldm.metrics documents.
     """
     c1, c2 = 0.01**2, 0.03**2
 
@@ -120,8 +123,12 @@ def _reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
 
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(smap.mean())
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+
+
+def _reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Whole-image SSIM: the map's mean over every pixel."""
+    return float(_reference_ssim_map(x, y).mean())
 
 
 def test_ssim_of_gaussian_blur_matches_reference_formula():
@@ -160,6 +167,225 @@ def test_meter_streams_to_the_same_means_as_one_batch():
     assert streamed["ms_ssim"] == pytest.approx(ms_ssim(real, fake).double().mean().item(), rel=1e-6)
     meter.reset()
     assert meter.compute()["n"] == 0 and math.isnan(meter.compute()["psnr"])
+
+
+# ----------------------------------------------------------------------------- in-brain figures
+
+
+def _disc(size: int, radius: float, centre: tuple[float, float] | None = None) -> np.ndarray:
+    """Bool (size, size) disc."""
+    cy, cx = centre if centre is not None else ((size - 1) / 2, (size - 1) / 2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+
+
+def _blur_inside(real: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint8 copy of ``real`` blurred (sigma 1.2) inside ``mask`` only, untouched outside."""
+    blurred = np.rint(_gaussian_blur(real.astype(np.float64), sigma=1.2, radius=4)).clip(0, 255)
+    return np.where(mask, blurred, real).astype(np.uint8)
+
+
+def _far_outside(mask: np.ndarray, distance: int = 6) -> np.ndarray:
+    """Pixels more than ``distance`` px (Chebyshev) from ``mask``: out of reach of SSIM's 11-px window."""
+    near = mask.copy()
+    for _ in range(distance):
+        padded = np.pad(near, 1)
+        near = np.max(
+            [padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]] for dy in range(3) for dx in range(3)], 0
+        )
+    return ~near
+
+
+def test_blur_inside_the_mask_drops_the_in_mask_figures_by_the_reference_amount():
+    head = _phantom(2, seed=5).numpy()[:, 0]
+    texture = np.random.default_rng(5).integers(-40, 41, head.shape)  # fine detail that a blur removes
+    real = np.where(head > 0, np.clip(head + texture, 1, 255), 0).astype(np.uint8)
+    mask = np.stack([_disc(64, 14, (30, 34)), _disc(64, 18, (33, 29))])
+    fake = np.stack([_blur_inside(r, m) for r, m in zip(real, mask, strict=True)])
+    got = paired_figures(torch.from_numpy(real), torch.from_numpy(fake), torch.from_numpy(mask))
+    for i in range(2):
+        x, y = real[i] / 255.0, fake[i] / 255.0
+        smap = _reference_ssim_map(x, y)
+        expected_ssim = smap[mask[i]].mean()
+        expected_psnr = 10 * np.log10(1.0 / ((x - y)[mask[i]] ** 2).mean())
+        assert 0.3 < expected_ssim < 0.95  # a real loss of structure, not a rounding
+        assert got["ssim_brain"][i].item() == pytest.approx(expected_ssim, abs=1e-4)
+        assert got["psnr_brain"][i].item() == pytest.approx(expected_psnr, rel=1e-5)
+        assert got["brain_fraction"][i].item() == pytest.approx(mask[i].mean())
+        # none outside: every pixel out of the blur's reach keeps SSIM 1, and those pixels are identical
+        far = torch.from_numpy(_far_outside(mask[i]))[None]
+        assert ssim(torch.from_numpy(real[i : i + 1]), torch.from_numpy(fake[i : i + 1]), far).item() == pytest.approx(
+            1.0, abs=1e-6
+        )
+        assert torch.isinf(
+            psnr(torch.from_numpy(real[i : i + 1]), torch.from_numpy(fake[i : i + 1]), ~torch.from_numpy(mask[i])[None])
+        )
+        # the whole-image figures dilute the same damage with the untouched background
+        assert got["ssim"][i].item() > got["ssim_brain"][i].item()
+        assert got["psnr"][i].item() > got["psnr_brain"][i].item()
+
+
+def test_a_change_outside_the_mask_leaves_the_in_brain_figures_unchanged():
+    real = _phantom(1, seed=6)
+    mask = torch.from_numpy(_disc(64, 12))[None, None]
+    reconstruction = (real.float() * 0.9 + 5).round().to(torch.uint8)  # damaged everywhere
+    far = torch.from_numpy(_far_outside(mask[0, 0].numpy()))[None, None]
+    noise = torch.randint(0, 80, real.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    changed = torch.where(far, noise, reconstruction)  # new background, far from the brain
+    before, after = paired_figures(real, reconstruction, mask), paired_figures(real, changed, mask)
+    assert after["ssim_brain"].item() == pytest.approx(before["ssim_brain"].item(), abs=1e-6)
+    assert after["psnr_brain"].item() == pytest.approx(before["psnr_brain"].item(), abs=1e-6)
+    assert after["ssim"].item() < before["ssim"].item() - 0.01  # the whole-image figures do move
+    assert after["psnr"].item() < before["psnr"].item() - 0.5
+    # next to the brain the SSIM window reaches in (5 px), but the in-brain PSNR never moves
+    ring = ~mask & ~far
+    near = torch.where(ring, noise, reconstruction)
+    assert paired_figures(real, near, mask)["psnr_brain"].item() == pytest.approx(before["psnr_brain"].item(), abs=1e-6)
+
+
+def test_in_brain_figures_on_an_all_ones_mask_are_the_whole_image_ones():
+    real = _phantom(3, seed=7)
+    fake = (real.float() * 0.85 + 10).clamp(0, 255).to(torch.uint8)
+    ones = torch.ones(real.shape, dtype=torch.bool)
+    got = paired_figures(real, fake, ones)
+    assert torch.allclose(got["ssim_brain"], got["ssim"], atol=1e-6)
+    assert torch.allclose(got["psnr_brain"], got["psnr"], atol=1e-5)
+    assert torch.allclose(got["brain_fraction"], torch.ones(3))
+    assert torch.allclose(ssim(real, fake, ones), ssim(real, fake), atol=1e-6)
+    result = reconstruction_metrics(real, fake, ones)
+    assert result["ssim_brain"] == pytest.approx(result["ssim"], abs=1e-6)
+    assert result["psnr_brain"] == pytest.approx(result["psnr"], abs=1e-5)
+    assert result["n_brain"] == 3 and result["brain_fraction"] == pytest.approx(1.0)
+
+
+def test_meter_leaves_images_without_brain_out_of_the_brain_means():
+    real = _phantom(3, seed=8)
+    fake = (real.float() * 0.9).to(torch.uint8)
+    region = torch.from_numpy(_disc(64, 15)).expand(3, 1, 64, 64).clone()
+    region[2] = False  # a slice above the vertex: no brain at all
+    meter = ReconstructionMeter()
+    meter.update(real[:2], fake[:2], region[:2])
+    meter.update(real[2:], fake[2:], region[2:])
+    result = meter.compute()
+    direct = paired_figures(real[:2], fake[:2], region[:2])
+    assert result["n"] == 3 and result["n_brain"] == 2
+    assert result["ssim_brain"] == pytest.approx(direct["ssim_brain"].double().mean().item(), rel=1e-6)
+    assert result["psnr_brain"] == pytest.approx(direct["psnr_brain"].double().mean().item(), rel=1e-6)
+    assert result["brain_fraction"] == pytest.approx(region.double().mean().item())
+    assert "ssim_brain" not in reconstruction_metrics(real, fake)  # no region, no brain keys
+    assert math.isnan(ssim(real[2:], fake[2:], region[2:]).item())
+
+
+def test_foreground_is_the_bright_slice_with_its_enclosed_dark_parts():
+    size = 48
+    head = _disc(size, 16)
+    ventricle = _disc(size, 4, (22, 24))  # dark CSF enclosed by tissue: brain
+    sulcus = np.zeros((size, size), bool)
+    sulcus[23:25, 32:] = True  # a dark cleft open to the background: not brain
+    image = np.where(head & ~ventricle, 140, 0).astype(np.uint8)
+    image[sulcus] = 0
+    diagonal = np.zeros((size, size), bool)  # a rim broken only diagonally still encloses its hole
+    diagonal[2:7, 2:7] = True
+    diagonal[3:6, 3:6] = False
+    image[diagonal] = 90
+    image[3, 3] = 0
+    image[2, 2] = 0  # the hole at (3, 3) touches the outside at a corner only
+    expected = (head & ~sulcus) | diagonal
+    expected[2, 2] = False
+    expected[3:6, 3:6] = True
+    raised = image.astype(np.int64) + 30  # the same slice on a grey background: the level is relative
+    for picture in (image, raised.astype(np.uint8)):
+        got = foreground(torch.from_numpy(picture)[None, None])[0, 0].numpy()
+        np.testing.assert_array_equal(got, expected)
+    faint = np.where(head, 8, 0).astype(np.uint8)  # below the 10-level margin: background
+    assert not foreground(torch.from_numpy(faint)[None, None]).any()
+
+
+def test_brain_region_uses_the_masks_where_there_are_some():
+    images = _phantom(2, seed=9)
+    masks = torch.zeros_like(images)
+    masks[:, :, 20:40, 20:40] = 85  # CSF counts
+    masks[0, :, 25:30, 25:30] = 255
+    np.testing.assert_array_equal(brain_region(images, masks).numpy(), (masks > 0).numpy())
+    np.testing.assert_array_equal(brain_region(images).numpy(), foreground(images).numpy())
+    with pytest.raises(ValueError, match="do not match"):
+        brain_region(images, masks[:1])
+
+
+# ----------------------------------------------------------------------------- precision (TF32)
+
+
+def _tf32_in_use() -> bool:
+    """Whether CUDA convolutions or matmuls would run in TF32 now (either torch API)."""
+    if hasattr(torch.backends.cudnn, "conv"):
+        conv, mm = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+        return "tf32" in (conv, mm)
+    return torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 switched on for convolutions and matmuls, as cuDNN and `set_float32_matmul_precision("high")` do."""
+    if hasattr(torch.backends.cudnn, "conv"):
+        switches = [
+            (torch.backends.cudnn.conv, "fp32_precision", "tf32"),
+            (torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+        ]
+    else:
+        switches = [(torch.backends.cudnn, "allow_tf32", True), (torch.backends.cuda.matmul, "allow_tf32", True)]
+    saved = [getattr(owner, name) for owner, name, _ in switches]
+    for owner, name, value in switches:
+        setattr(owner, name, value)
+    assert _tf32_in_use()
+    yield
+    for (owner, name, _), value in zip(switches, saved, strict=True):
+        setattr(owner, name, value)
+
+
+def test_metrics_compute_without_tf32_and_restore_the_setting(tf32_on, monkeypatch):
+    seen = []
+    for name in ("conv2d", "avg_pool2d"):
+        original = getattr(torch.nn.functional, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(_tf32_in_use())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, name, spy)
+    original_cdist = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda *a, **k: (seen.append(_tf32_in_use()), original_cdist(*a, **k))[1])
+    real = _phantom(4, seed=10)
+    fake = (real.float() * 0.9).to(torch.uint8)
+    ssim(real, fake)
+    ms_ssim(real, fake)
+    paired_figures(real, fake, torch.ones(real.shape, dtype=torch.bool))
+    reconstruction_metrics(real, fake)
+    nearest_training_ssim(fake, real, top_k=2, progress=False)
+    assert seen and not any(seen), f"{sum(seen)} of {len(seen)} calls ran with TF32 allowed"
+    assert _tf32_in_use()  # the caller's setting is back
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_figures_are_the_same_on_cpu_and_gpu(tf32_on):
+    """TF32 convolutions (operands rounded to 10 mantissa bits, simulated on the CPU) move per-image
+    SSIM by up to 0.007 on demo slices; plain float32 on both devices agrees to about 1e-6."""
+    real = torch.cat([_phantom(6, size=128, seed=11), _noise(2, size=128, seed=12)])
+    fake = real.float() * 0.8 + torch.randn(real.shape, generator=torch.Generator().manual_seed(0)) * 6
+    fake = fake.clamp(0, 255).round().to(torch.uint8)
+    region = brain_region(real)
+    cpu = {**paired_figures(real, fake, region), "ms_ssim": ms_ssim(real, fake)}
+    gpu = {
+        **paired_figures(real.cuda(), fake.cuda(), region.cuda()),
+        "ms_ssim": ms_ssim(real.cuda(), fake.cuda()),
+    }
+    np.testing.assert_array_equal(region.numpy(), brain_region(real.cuda()).cpu().numpy())
+    for key, value in cpu.items():
+        assert torch.allclose(gpu[key].cpu(), value, atol=1e-5, rtol=0), key
+    near_cpu = nearest_training_ssim(fake, real, top_k=3, progress=False)
+    near_gpu = nearest_training_ssim(fake, real, top_k=3, device="cuda", progress=False)
+    assert near_cpu.index.tolist() == near_gpu.index.tolist()
+    assert torch.allclose(near_cpu.ssim, near_gpu.ssim, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- FID / KID

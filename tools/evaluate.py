@@ -22,12 +22,16 @@ from oasis_ldm.checkpoint import CheckpointError
 from oasis_ldm.data.oasis import SPLITS
 from oasis_ldm.distributed import pick_device
 from oasis_ldm.evaluation import EvaluationError, evaluate_reconstruction, evaluate_samples
+from oasis_ldm.threads import configure_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; every optional flag's help ends with its default."""
     p = argparse.ArgumentParser(prog="evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, type=Path, help="the packed HDF5 file (tools/pack_h5.py)")
-    p.add_argument("--split", default="test", help=f"the split to compare with: {', '.join(SPLITS)}")
+    p.add_argument(
+        "--split", default="test", help=f"the split to compare with: {', '.join(SPLITS)} (default: %(default)s)"
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--vae-ckpt", help="a vae run directory or checkpoint: reconstruction metrics over the split")
     what.add_argument("--samples", type=Path, help="a samples.h5 (launch/sample.py): sample metrics against the split")
@@ -36,14 +40,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inception-weights",
         type=Path,
         default=None,
-        help="local Inception-v3 weights (pytorch-fid pt_inception or torchvision format) to add FID and KID",
+        help="local Inception-v3 weights (pytorch-fid pt_inception or torchvision format) to add FID and KID "
+        "(default: none, no FID or KID)",
     )
-    p.add_argument("--tb", type=Path, default=None, help="a run directory: also log the figures to RUN/tb")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (reconstruction)")
-    p.add_argument("--max-pairs", type=int, default=2000, help="random pairs for the MS-SSIM diversity figures")
-    p.add_argument("--top-k", type=int, default=16, help="nearest-slice candidates kept by the fast prefilter")
-    p.add_argument("--seed", type=int, default=0, help="seed of the real subset, the pairs and the KID subsets")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
+    p.add_argument(
+        "--tb", type=Path, default=None, help="a run directory: also log the figures to RUN/tb (default: none)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass (reconstruction) (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-pairs",
+        type=int,
+        default=2000,
+        help="random pairs for the MS-SSIM diversity figures (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=16,
+        help="nearest-slice candidates kept by the fast prefilter (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the real subset, the pairs and the KID subsets (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: %(default)s)"
+    )
     return p.parse_args(argv)
 
 
@@ -76,6 +102,7 @@ def log_to_tensorboard(run_dir: Path, report: dict, picture: torch.Tensor, kind:
 
 
 def main(argv: list[str] | None = None) -> int:
+    threads = configure_threads()  # the job's CPUs, not the host's (unless OMP_NUM_THREADS is set)
     args = parse_args(argv)
     if args.split not in SPLITS:
         return fail(f"--split {args.split!r}: expected one of {', '.join(SPLITS)}")
@@ -104,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = "samples"
     except (EvaluationError, CheckpointError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
+    report["torch_threads"] = threads
     png = write_outputs(report, picture, args.out)
     if args.tb is not None:
         log_to_tensorboard(args.tb, report, picture, kind)

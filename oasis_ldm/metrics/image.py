@@ -12,6 +12,16 @@ The SSIM maths is torchmetrics' (`structural_similarity_index_measure`): Gaussia
 sigma 1.5 (11 taps), K1 = 0.01, K2 = 0.03, the input reflect-padded by 5 pixels so the
 SSIM map covers the whole image, and the per-image value is the mean of that map.
 
+In-region figures (``region=``, a bool mask of the real image's shape, usually its brain,
+see `oasis_ldm.metrics.region`): SSIM is the same whole-image map averaged over the
+region's pixels only (the window still sees the surrounding pixels, as in the whole-image
+figure), PSNR comes from the mean squared error over the region's pixels. An image whose
+region is empty has NaN in-region figures, and the means leave it out.
+
+Precision: convolutions and matmuls run in plain float32 (`ieee_float32`), never TF32,
+so a report computed on a GPU matches the CPU's (cuDNN's default TF32 rounds to a 10-bit
+mantissa: SSIM's blur(x^2) - blur(x)^2 then errs by about 1e-4 against C2 = 9e-4).
+
 PSNR of identical images is +inf. Per-image values keep the inf; batch means cap every
 value at ``max_psnr`` (100 dB, far above any real reconstruction of 8-bit data, whose
 1-grey-level error is 48 dB) and report how many images were identical, so the mean is
@@ -21,12 +31,13 @@ finite and the cap is visible.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure,
-    peak_signal_noise_ratio,
     structural_similarity_index_measure,
 )
 
@@ -48,6 +59,34 @@ def as_unit(x: Tensor) -> Tensor:
     return (x.float().clamp(-1.0, 1.0) + 1.0) / 2.0
 
 
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Plain float32 (no TF32, no bf16) in convolutions and matmuls for the block, then restore.
+
+    cuDNN uses TF32 for float32 convolutions by default (``torch.backends.cudnn``), and a user
+    may have chosen TF32 for matmuls or oneDNN: metrics computed so would depend on the device.
+    torch >= 2.9 has one precision setting per backend; reading the older ``allow_tf32`` flags
+    after those were set raises, so only the API the installed torch has is touched.
+    """
+    if hasattr(torch.backends.cudnn, "conv"):
+        switches = [
+            (torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+            (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+            (torch.backends.mkldnn.conv, "fp32_precision", "ieee"),
+            (torch.backends.mkldnn.matmul, "fp32_precision", "ieee"),
+        ]
+    else:
+        switches = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in switches]
+    for owner, name, plain in switches:
+        setattr(owner, name, plain)
+    try:
+        yield
+    finally:
+        for (owner, name, _), value in zip(switches, saved, strict=True):
+            setattr(owner, name, value)
+
+
 def _pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
     """Normalise a (real, fake) pair and check the shapes agree."""
     real, fake = as_unit(real), as_unit(fake)
@@ -56,24 +95,66 @@ def _pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
     return real, fake.to(real.device)
 
 
-def psnr(real: Tensor, fake: Tensor) -> Tensor:
-    """Per-image PSNR in dB, shape (B,); +inf where the two images are identical."""
-    return _psnr_unit(*_pair(real, fake))
+def _region(region: Tensor, real: Tensor) -> Tensor:
+    """A bool region of ``real``'s (B, 1, H, W) shape, on its device."""
+    region = region.unsqueeze(1) if region.dim() == 3 else region
+    if region.shape != real.shape:
+        raise ValueError(f"region shape {tuple(region.shape)} does not match the images {tuple(real.shape)}")
+    return region.to(real.device, torch.bool)
 
 
-def _psnr_unit(real: Tensor, fake: Tensor) -> Tensor:
-    return peak_signal_noise_ratio(fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
+def _region_mean(values: Tensor, region: Tensor) -> Tensor:
+    """Per-image float64 mean of a (B, 1, H, W) map over a bool region; NaN where it is empty."""
+    weights = region.double()
+    return (values.double() * weights).sum((1, 2, 3)) / weights.sum((1, 2, 3))
 
 
-def ssim(real: Tensor, fake: Tensor, *, sigma: float = SSIM_SIGMA) -> Tensor:
-    """Per-image SSIM, shape (B,) (see the module docstring for the window and padding)."""
-    return _ssim_unit(*_pair(real, fake), sigma=sigma)
+def psnr(real: Tensor, fake: Tensor, region: Tensor | None = None) -> Tensor:
+    """Per-image PSNR in dB, shape (B,), over the whole image or ``region``; +inf where identical."""
+    real, fake = _pair(real, fake)
+    return _psnr_unit(real, fake, None if region is None else _region(region, real))
 
 
-def _ssim_unit(real: Tensor, fake: Tensor, *, sigma: float = SSIM_SIGMA) -> Tensor:
+def _psnr_unit(real: Tensor, fake: Tensor, region: Tensor | None = None) -> Tensor:
+    """10 log10(1 / MSE), the squared errors summed in float64 (data range 1)."""
+    squared = (fake.double() - real.double()).square()
+    mse = squared.mean((1, 2, 3)) if region is None else _region_mean(squared, region)
+    return (10 * torch.log10(1.0 / mse)).float()
+
+
+def ssim(real: Tensor, fake: Tensor, region: Tensor | None = None, *, sigma: float = SSIM_SIGMA) -> Tensor:
+    """Per-image SSIM, shape (B,): the mean of the SSIM map over the whole image or ``region``."""
+    real, fake = _pair(real, fake)
+    whole, smap = _ssim_unit(real, fake, sigma=sigma)
+    return whole if region is None else _region_mean(smap, _region(region, real)).float()
+
+
+@ieee_float32()
+def _ssim_unit(real: Tensor, fake: Tensor, *, sigma: float = SSIM_SIGMA) -> tuple[Tensor, Tensor]:
+    """Per-image SSIM (B,) and its (B, 1, H, W) map, of which it is the mean."""
     return structural_similarity_index_measure(
-        fake, real, gaussian_kernel=True, sigma=sigma, data_range=1.0, reduction="none"
+        fake, real, gaussian_kernel=True, sigma=sigma, data_range=1.0, reduction="none", return_full_image=True
     )
+
+
+def paired_figures(real: Tensor, fake: Tensor, region: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-image (B,) float32 figures of one batch of pairs, from one SSIM map.
+
+    "psnr", "ssim" over the whole image; with ``region`` (the real images' brain) also
+    "psnr_brain", "ssim_brain" over it and "brain_fraction", the share of pixels it covers.
+    """
+    real, fake = _pair(real, fake)
+    return _figures_unit(real, fake, None if region is None else _region(region, real))
+
+
+def _figures_unit(real: Tensor, fake: Tensor, region: Tensor | None) -> dict[str, Tensor]:
+    whole, smap = _ssim_unit(real, fake)
+    figures = {"psnr": _psnr_unit(real, fake), "ssim": whole}
+    if region is not None:
+        figures["psnr_brain"] = _psnr_unit(real, fake, region)
+        figures["ssim_brain"] = _region_mean(smap, region).float()
+        figures["brain_fraction"] = region.float().mean((1, 2, 3))
+    return figures
 
 
 def _gaussian_taps(sigma: float) -> int:
@@ -121,6 +202,7 @@ def ms_ssim(real: Tensor, fake: Tensor, *, scales: int | None = None, sigma: flo
     return _ms_ssim_unit(*_pair(real, fake), scales=scales, sigma=sigma)
 
 
+@ieee_float32()
 def _ms_ssim_unit(real: Tensor, fake: Tensor, *, scales: int | None, sigma: float = SSIM_SIGMA) -> Tensor:
     if scales is None:
         scales = ms_ssim_scales(min(real.shape[-2:]), sigma=sigma)
@@ -142,7 +224,9 @@ class ReconstructionMeter:
 
     Sums are kept in float64 on the CPU, so memory is constant and the result does not
     depend on how the split was batched. PSNR values are capped at ``max_psnr`` before
-    averaging; ``n_identical`` counts the images whose PSNR was infinite.
+    averaging; ``n_identical`` counts the images whose PSNR was infinite. Batches given a
+    ``region`` (give one with every batch or with none) add the in-brain means, taken over
+    the ``n_brain`` images whose region is not empty, and the mean ``brain_fraction``.
     """
 
     def __init__(self, *, ms_ssim_scales: int | None = None, max_psnr: float = MAX_PSNR) -> None:
@@ -153,28 +237,52 @@ class ReconstructionMeter:
     def reset(self) -> None:
         """Forget everything seen so far."""
         self._sums = {"psnr": 0.0, "ssim": 0.0, "ms_ssim": 0.0}
+        self._brain_sums: dict[str, float] = {}
         self.n = 0
         self.n_identical = 0
+        self.n_brain = 0
 
     @torch.no_grad()
-    def update(self, real: Tensor, fake: Tensor) -> None:
-        """Add one batch of (real, fake) pairs in any accepted input format."""
+    def update(self, real: Tensor, fake: Tensor, region: Tensor | None = None) -> None:
+        """Add one batch of (real, fake) pairs in any accepted input format, and their brain region."""
         real, fake = _pair(real, fake)
-        values = _psnr_unit(real, fake)
-        self.n_identical += int(torch.isinf(values).sum())
-        self._sums["psnr"] += values.clamp(max=self.max_psnr).double().sum().item()
-        self._sums["ssim"] += _ssim_unit(real, fake).double().sum().item()
+        figures = _figures_unit(real, fake, None if region is None else _region(region, real))
+        self.n_identical += int(torch.isinf(figures["psnr"]).sum())
+        self._sums["psnr"] += _capped_sum(figures["psnr"], self.max_psnr)
+        self._sums["ssim"] += figures["ssim"].double().sum().item()
         self._sums["ms_ssim"] += _ms_ssim_unit(real, fake, scales=self.scales).double().sum().item()
-        self.n += real.shape[0]
+        self.n += len(figures["psnr"])
+        if region is not None:
+            inside = ~torch.isnan(figures["ssim_brain"])
+            sums = self._brain_sums
+            sums["psnr_brain"] = sums.get("psnr_brain", 0.0) + _capped_sum(figures["psnr_brain"][inside], self.max_psnr)
+            sums["ssim_brain"] = sums.get("ssim_brain", 0.0) + figures["ssim_brain"][inside].double().sum().item()
+            sums["brain_fraction"] = sums.get("brain_fraction", 0.0) + figures["brain_fraction"].double().sum().item()
+            self.n_brain += int(inside.sum())
 
     def compute(self) -> dict[str, float]:
-        """Means so far: {"psnr", "ssim", "ms_ssim", "n", "n_identical"} (NaN means if n == 0)."""
+        """Means so far: {"psnr", "ssim", "ms_ssim", "n", "n_identical"} (NaN means if n == 0),
+        and with regions {"psnr_brain", "ssim_brain", "brain_fraction", "n_brain"}."""
         means = {k: (v / self.n if self.n else math.nan) for k, v in self._sums.items()}
-        return {**means, "n": self.n, "n_identical": self.n_identical}
+        result = {**means, "n": self.n, "n_identical": self.n_identical}
+        if self._brain_sums:
+            brain = self._brain_sums
+            result["psnr_brain"] = brain["psnr_brain"] / self.n_brain if self.n_brain else math.nan
+            result["ssim_brain"] = brain["ssim_brain"] / self.n_brain if self.n_brain else math.nan
+            result["brain_fraction"] = brain["brain_fraction"] / self.n
+            result["n_brain"] = self.n_brain
+        return result
 
 
-def reconstruction_metrics(real: Tensor, fake: Tensor, **meter_kwargs: object) -> dict[str, float]:
+def _capped_sum(values: Tensor, cap: float) -> float:
+    """Sum of per-image PSNRs with +inf (identical images) counted as ``cap``."""
+    return values.clamp(max=cap).double().sum().item()
+
+
+def reconstruction_metrics(
+    real: Tensor, fake: Tensor, region: Tensor | None = None, **meter_kwargs: object
+) -> dict[str, float]:
     """Batch means of one batch, with the same conventions as `ReconstructionMeter`."""
     meter = ReconstructionMeter(**meter_kwargs)  # type: ignore[arg-type]
-    meter.update(real, fake)
+    meter.update(real, fake, region)
     return meter.compute()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from oasis_ldm.metrics.image import as_unit, ms_ssim, ssim
+from oasis_ldm.metrics.image import as_unit, ieee_float32, ms_ssim, ssim
 
 MEMORISATION_THRESHOLD = 0.6
 TrainSource = Any  # Tensor | np.ndarray | h5py.Dataset | Callable[[], Iterable[Tensor | np.ndarray]]
@@ -86,6 +86,7 @@ def _thumbnails(images: Tensor, size: int, device: torch.device) -> Tensor:
     return x.flatten(1)
 
 
+@ieee_float32()  # cdist runs as a matmul: TF32 there could reorder the candidates
 def _prefilter(
     samples: Tensor, batches: Iterable[Tensor], top_k: int, size: int, device: torch.device, progress: bool
 ) -> Tensor:
