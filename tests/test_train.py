@@ -173,7 +173,7 @@ def test_tensorboard_has_scalar_and_image_tags(tmp_path, tiny_h5, tiny_vae):
     assert {"loss/l1", "loss/ssim", "loss/kl", "loss/total", "train/lr", "train/images_per_s", "train/epoch"} <= set(
         tags["scalars"]
     )
-    assert "grad_norm/vae" in tags["scalars"]
+    assert {"grad_norm/vae", "held_out/ssim", "held_out/ssim_brain", "held_out/psnr_brain"} <= set(tags["scalars"])
     assert "images/input_vs_reconstruction" in tags["images"]
     run_dir = tmp_path / "ldm"
     train("ldm", run_dir, tiny_h5, f"ldm.vae_ckpt={tiny_vae}", "train.max_steps=3")

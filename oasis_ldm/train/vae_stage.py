@@ -25,6 +25,8 @@ from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.masks import decode_mask, split_output, to_labels
 from oasis_ldm.data.transforms import to_float, to_uint8
 from oasis_ldm.distributed import DistEnv
+from oasis_ldm.metrics.image import paired_figures
+from oasis_ldm.metrics.region import brain_region
 from oasis_ldm.models import build_discriminator, build_vae, generator_adv_loss, hinge_d_loss
 from oasis_ldm.train.augment import Batch, prepare_batch
 from oasis_ldm.train.context import StepContext
@@ -58,7 +60,7 @@ class VAEStage:
         self.dataset = OasisH5Dataset(
             d.path, d.split, in_memory=d.in_memory, image_size=d.image_size, with_mask=d.masks, raw=True
         )
-        self.log_batch = log_images_batch(cfg, self.dataset)
+        self.log_batch, self.log_region = log_images_batch(cfg, self.dataset)
 
     def lr(self, model: str) -> float:
         return self.cfg.train.disc_lr if model == "disc" else self.cfg.train.lr
@@ -113,7 +115,8 @@ class VAEStage:
         """Inputs above their EMA reconstructions (and, paired, their masks); rank 0, milliseconds.
 
         Rows of 8: real slices, their reconstructions, then in paired mode the real masks and
-        the decoded ones (mask values are grey levels: CSF dark, white matter white).
+        the decoded ones (mask values are grey levels: CSF dark, white matter white). Their
+        whole-image and in-brain SSIM/PSNR go to TensorBoard as `held_out/*`.
         """
         if not logger.enabled:
             return
@@ -121,6 +124,8 @@ class VAEStage:
         out = ema_model(b.model_input(), sample_posterior=False)[0]
         recon, logits = split_output(out) if b.masks is not None else (out, None)
         shown = [to_uint8(b.images), to_uint8(recon.clamp(-1, 1))]
+        figures = paired_figures(shown[0].cpu(), shown[1].cpu(), self.log_region)
+        logger.scalars(step, {f"held_out/{k}": float(v.nanmean()) for k, v in figures.items()})
         if logits is not None:
             shown += [b.masks, decode_mask(logits)]
         tiles = torch.stack(shown, dim=1)  # (B, kinds, 1, H, W)
@@ -135,8 +140,11 @@ class VAEStage:
         pass
 
 
-def log_images_batch(cfg: Config, train_set: OasisH5Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fixed slices (and masks) for the reconstruction grid: held-out ones where the file has them."""
+def log_images_batch(
+    cfg: Config, train_set: OasisH5Dataset
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """Fixed slices (and masks, paired) for the reconstruction grid and its figures, held-out ones
+    where the file has them, and their brain region (evaluation's rule: masks where packed)."""
     n = cfg.train.num_log_images
     try:
         held_out = OasisH5Dataset(
@@ -146,5 +154,7 @@ def log_images_batch(cfg: Config, train_set: OasisH5Dataset) -> tuple[torch.Tens
         held_out = train_set
     step = max(1, len(held_out) // n)  # spread over cases and slice levels
     rows = list(range(0, step * n, step))[: len(held_out)]
-    masks = held_out.read_raw(rows, mask=True) if cfg.data.masks else None
-    return to_float(held_out.read_raw(rows)), masks
+    images = held_out.read_raw(rows)
+    packed = held_out.info.splits[held_out.split].has_masks
+    masks = held_out.read_raw(rows, mask=True) if packed else None
+    return (to_float(images), masks if cfg.data.masks else None), brain_region(images, masks)
