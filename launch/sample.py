@@ -8,7 +8,9 @@ Either one job of many tasks (--nodes/--tasks-per-node) or a job array of K one-
 (--array K) makes the shards; a last step merges them into OUT/samples.h5, samples.npz and
 grid.png (on SLURM a small job that starts once the others succeeded). Image i always comes
 from seed (--seed, i), so the result is the same however the work was split, and rerunning
-the same command after a failure makes only the missing shards.
+the same command after a failure makes only the missing shards. A paired model's samples
+(data.masks) carry their masks: /masks in samples.h5, `masks` in samples.npz, beside each
+slice in grid.png.
 """
 
 from __future__ import annotations

@@ -208,6 +208,15 @@ def tiny_ldm(tmp_path_factory, tiny_h5, tiny_vae) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_paired_ldm(tmp_path_factory, tiny_paired_h5) -> Path:
+    """A finished tiny paired ldm run (data.masks): its samples are slice-mask pairs."""
+    root = tmp_path_factory.mktemp("paired")
+    train("vae", root / "vae", tiny_paired_h5, "data.masks=true", "train.max_steps=4")
+    train("ldm", root / "ldm", tiny_paired_h5, "data.masks=true", f"ldm.vae_ckpt={root / 'vae'}", "train.max_steps=3")
+    return root / "ldm"
+
+
 def free_port() -> int:
     import socket
 

@@ -1,7 +1,9 @@
-"""Sampling on this machine: worker placement, shard checks on a rerun, precision, threads, --help."""
+"""Sampling on this machine: worker placement, shard checks on a rerun, paired samples (masks),
+precision, threads, --help."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -14,16 +16,31 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, quiet_env
+from PIL import Image
 
-from oasis_ldm.sampling import load_pipeline
-from oasis_ldm.sampling.shards import request_for, shard_path, write_request
+from oasis_ldm.data.masks import to_labels
+from oasis_ldm.data.schema import MASK_VALUES
+from oasis_ldm.sampling import image_seed, load_pipeline
+from oasis_ldm.sampling.shards import (
+    MASK_COLOURS,
+    ShardError,
+    generate_shards,
+    merge,
+    read_request,
+    read_shard,
+    request_for,
+    shard_path,
+    write_request,
+)
 from oasis_ldm.sampling.worker import WorkerError, worker_from_env
+
+REQUEST = {"num_samples": 6, "shard_size": 2, "batch_size": 2, "steps": 3, "eta": 1.0, "seed": 3}
 
 
 def sample(ckpt: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m oasis_ldm.sampling`: 6 images in 3 shards of 2, 3 DDIM steps with eta 1, CPU."""
-    args = ["--ckpt", str(ckpt), "--out", str(out), "--num-samples", "6", "--shard-size", "2", "--batch-size", "2"]
-    args += ["--steps", "3", "--eta", "1.0", "--seed", "3", "--device", "cpu", *extra]
+    args = ["--ckpt", str(ckpt), "--out", str(out), "--device", "cpu", *extra]
+    args += [arg for key, value in REQUEST.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     cmd = [sys.executable, "-m", "oasis_ldm.sampling", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env or quiet_env(), cwd=REPO, timeout=120)
 
@@ -203,6 +220,119 @@ def test_merge_names_an_unreadable_shard_in_one_line(tmp_path, tiny_ldm, done):
     line = proc.stderr.strip()
     assert line.startswith(f"oasis_ldm.sampling: error: {bad}: unreadable (") and "\n" not in line
     assert line.endswith("; rerun the same sampling command to remake it")
+
+
+# --- paired samples: masks beside the images ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paired_done(tmp_path_factory, tiny_paired_ldm) -> Path:
+    """A finished run of the tiny paired model; tests copy it before they damage it."""
+    out = tmp_path_factory.mktemp("paired_done") / "s"
+    ok(sample(tiny_paired_ldm, out))
+    return out
+
+
+def pairs(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    with h5py.File(out / "samples.h5", "r") as f:
+        return f["images"][:], f["masks"][:]
+
+
+def test_paired_samples_carry_their_masks(paired_done, tiny_paired_ldm):
+    images, masks = pairs(paired_done)
+    assert masks.dtype == np.uint8 and masks.shape == images.shape == (6, 32, 32)
+    assert set(np.unique(masks).tolist()) <= set(MASK_VALUES)
+    with h5py.File(paired_done / "samples.h5", "r") as f:
+        assert f.attrs["paired"] and tuple(f["masks"].attrs["values"]) == MASK_VALUES
+    assert json.loads((paired_done / "request.json").read_text())["paired"] is True
+    npz = np.load(paired_done / "samples.npz")
+    assert sorted(npz.files) == ["arr_0", "masks"] and npz["masks"].shape == (6, 32, 32)
+    assert np.array_equal(npz["arr_0"][..., 0], images) and np.array_equal(npz["masks"], masks)
+    # Each pair is the one the model decodes from its image's seed: images 2 and 3 (shard 1).
+    pipe, _ = load_pipeline(tiny_paired_ldm)
+    seeds = [image_seed(REQUEST["seed"], i) for i in (2, 3)]
+    image, mask = pipe.generate_pairs(seeds, "ddim", REQUEST["steps"], REQUEST["eta"])
+    assert np.array_equal(image[:, 0].numpy(), images[2:4]) and np.array_equal(mask[:, 0].numpy(), masks[2:4])
+
+
+def test_paired_samples_do_not_depend_on_the_number_of_workers(tmp_path, tiny_paired_ldm, paired_done):
+    out = tmp_path / "two"
+    for worker in (1, 0):
+        ok(sample(tiny_paired_ldm, out, "--worker", str(worker), "--workers", "2"))
+    merge(out)
+    with h5py.File(shard_path(out, 1), "r") as f:
+        assert (f.attrs["worker"], f.attrs["workers"]) == (1, 2)
+    assert (out / "samples.h5").read_bytes() == (paired_done / "samples.h5").read_bytes()
+    assert (out / "grid.png").read_bytes() == (paired_done / "grid.png").read_bytes()
+    two, one = np.load(out / "samples.npz"), np.load(paired_done / "samples.npz")
+    assert all(np.array_equal(two[key], one[key]) for key in ("arr_0", "masks"))
+
+
+def test_rerun_remakes_shards_whose_masks_are_absent_cut_short_or_not_classes(tmp_path, tiny_paired_ldm, paired_done):
+    out = copy_run(paired_done, tmp_path / "s")
+    with h5py.File(shard_path(out, 0), "r+") as f:
+        del f["masks"]  # written by a sampler that knew no masks
+    with h5py.File(shard_path(out, 1), "r+") as f:
+        first = f["masks"][:1]
+        del f["masks"]
+        f["masks"] = first  # one mask for two images
+    with h5py.File(shard_path(out, 2), "r+") as f:
+        f["masks"][0, 0, 0] = 3
+    before = mtimes(out)
+    log = ok(sample(tiny_paired_ldm, out))
+    assert f"{shard_path(out, 0)}: no masks, expected a mask per image (the model is paired); remaking it" in log
+    assert f"{shard_path(out, 1)}: masks of 1x32x32 uint8, expected 2x32x32 uint8; remaking it" in log
+    assert f"{shard_path(out, 2)}: mask values outside (0, 85, 170, 255); remaking it" in log
+    assert all(t != before[name] for name, t in mtimes(out).items())
+    assert (out / "samples.h5").read_bytes() == (paired_done / "samples.h5").read_bytes()
+
+
+def test_damaged_masks_and_masks_of_an_image_only_model_are_bad_shards(tmp_path, done, paired_done):
+    paired = copy_run(paired_done, tmp_path / "paired")
+    with h5py.File(shard_path(paired, 0), "r+") as f:
+        f["masks"][0] = np.where(f["masks"][0] == 0, 85, 0)  # still four-class values
+    assert read_shard(read_request(paired), paired, 0) == (None, "masks damaged (checksum mismatch)")
+    with pytest.raises(ShardError, match=r"shard_00000\.h5: masks damaged \(checksum mismatch\); rerun the same"):
+        merge(paired)  # and the merge refuses it
+    image_only = copy_run(done, tmp_path / "image_only")
+    with h5py.File(shard_path(image_only, 0), "r+") as f:
+        f["masks"] = np.zeros((2, 32, 32), np.uint8)
+    why = read_shard(read_request(image_only), image_only, 0)[1]
+    assert why == "holds masks, expected none (the model is image-only)"
+
+
+def test_a_model_whose_autoencoder_disagrees_with_its_config_is_refused(tmp_path, tiny_ldm):
+    pipe, meta = load_pipeline(tiny_ldm)
+    req = dataclasses.replace(request_for(meta, num_samples=2), paired=True)
+    with pytest.raises(
+        ShardError, match=r"last\.pt: its autoencoder does not decode masks, but its data\.masks is True$"
+    ):
+        generate_shards(pipe, req, tmp_path, 0, 1)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_the_paired_grid_shows_each_slice_beside_its_mask_in_colour(paired_done):
+    images, masks = pairs(paired_done)
+    grid = np.asarray(Image.open(paired_done / "grid.png").convert("RGB"))
+    size, pad = 32, 2  # one row of 6 pairs, each a slice and its mask side by side, 2 px apart
+    assert grid.shape == (size + 2 * pad, 6 * (2 * size + pad) + pad, 3)
+    for i in range(6):
+        x = pad + i * (2 * size + pad)
+        slice_tile, mask_tile = grid[pad : pad + size, x : x + size], grid[pad : pad + size, x + size : x + 2 * size]
+        assert np.array_equal(slice_tile, np.repeat(images[i][..., None], 3, axis=-1))
+        assert np.array_equal(mask_tile, MASK_COLOURS[to_labels(torch.from_numpy(masks[i])).numpy()])
+
+
+def test_image_only_samples_stay_as_they_were(done):
+    """No masks anywhere, no `paired` attribute, a greyscale grid: the files of before the paired mode."""
+    with h5py.File(done / "samples.h5", "r") as f:
+        assert sorted(f) == ["images", "seed"] and "paired" not in f.attrs
+    with h5py.File(shard_path(done, 0), "r") as f:
+        assert sorted(f) == ["images", "seed"] and "masks_sha256" not in f.attrs
+    assert np.load(done / "samples.npz").files == ["arr_0"]
+    grid = np.asarray(Image.open(done / "grid.png").convert("RGB")).astype(int)
+    assert grid.shape == (32 + 4, 6 * 34 + 2, 3) and (grid == grid[..., :1]).all()
+    assert json.loads((done / "request.json").read_text())["paired"] is False
 
 
 # --- precision ------------------------------------------------------------------------------------

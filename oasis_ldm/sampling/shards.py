@@ -8,6 +8,10 @@ failed task makes only what is missing or bad. Shard files appear whole or not a
 file per process + rename), and a rerun still checks each one (readable, the right images of
 the right request: a disk that filled up or a copy cut short leaves a shorter file behind).
 The merge checks every shard the same way and writes samples.h5, samples.npz and grid.png.
+
+A paired model (data.masks) decodes a tissue mask with every slice: its shards, samples.h5 and
+samples.npz hold `masks` beside the images, and its grid shows each slice beside its mask in
+colour. An image-only request writes exactly the files it wrote before the paired mode.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import os
 import socket
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +31,8 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from oasis_ldm.data.masks import CLASS_NAMES, to_labels
+from oasis_ldm.data.schema import MASK_VALUES
 from oasis_ldm.diffusion import PRECISIONS
 from oasis_ldm.sampling.pipeline import Pipeline, image_seed
 
@@ -45,6 +51,7 @@ class Request:
     batch_size: int = 32
     shard_size: int = 256
     precision: str = "fp32"  # the U-Net's autocast; request.json files older than the flag were fp32
+    paired: bool = False  # the model decodes a mask with each slice (data.masks); older files: image-only
 
     @property
     def num_shards(self) -> int:
@@ -70,6 +77,7 @@ def request_for(meta: dict, *, precision: str | None = None, **params: object) -
         checkpoint_step=meta["step"],
         image_size=meta["config"].data.image_size,
         precision=precision,
+        paired=meta["config"].data.masks,  # the trainer refuses an ldm whose autoencoder disagrees
         **params,
     )
 
@@ -136,14 +144,25 @@ def _sha256(images: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
 
 
-def _write_h5_atomic(path: Path, images: np.ndarray, seeds: np.ndarray, attrs: dict) -> None:
+@dataclass(frozen=True)
+class Block:
+    """The samples of one shard: uint8 images (n, H, W) and, from a paired model, their masks."""
+
+    images: np.ndarray
+    masks: np.ndarray | None = None
+
+
+def _write_h5_atomic(path: Path, block: Block, seeds: np.ndarray, attrs: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         with h5py.File(tmp, "w", locking=False) as f:  # a private file: no lock (NFS refuses them)
-            f.create_dataset("images", data=images, chunks=(1, *images.shape[1:]))
+            f.create_dataset("images", data=block.images, chunks=(1, *block.images.shape[1:]))
             f.create_dataset("seed", data=seeds)
-            f.attrs.update({**attrs, "images_sha256": _sha256(images)})
+            f.attrs.update({**attrs, "images_sha256": _sha256(block.images)})
+            if block.masks is not None:
+                f.create_dataset("masks", data=block.masks, chunks=(1, *block.masks.shape[1:]))
+                f.attrs["masks_sha256"] = _sha256(block.masks)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -152,8 +171,25 @@ def _write_h5_atomic(path: Path, images: np.ndarray, seeds: np.ndarray, attrs: d
 MISSING = "missing"
 
 
-def read_shard(req: Request, out: Path, shard: int) -> tuple[np.ndarray | None, str | None]:
-    """(images, None) if shard `shard` of `req` is on disk whole and belongs to `req`,
+def _check_masks(req: Request, images: np.ndarray, masks: np.ndarray | None, attrs: dict) -> str | None:
+    """Why a shard's masks do not fit `req` (present exactly when its model is paired, one per
+    image, only the stored class values, intact), or None."""
+    if masks is None:
+        return "no masks, expected a mask per image (the model is paired)" if req.paired else None
+    if not req.paired:
+        return "holds masks, expected none (the model is image-only)"
+    if masks.dtype != np.uint8 or masks.shape != images.shape:
+        found = "x".join(map(str, masks.shape)) or "?"
+        return f"masks of {found} {masks.dtype}, expected {'x'.join(map(str, images.shape))} uint8"
+    if not np.isin(masks, MASK_VALUES).all():
+        return f"mask values outside {MASK_VALUES}"
+    if attrs.get("masks_sha256") != _sha256(masks):
+        return "masks damaged (checksum mismatch)"
+    return None
+
+
+def read_shard(req: Request, out: Path, shard: int) -> tuple[Block | None, str | None]:
+    """(its samples, None) if shard `shard` of `req` is on disk whole and belongs to `req`,
     else (None, why not): "missing", or one phrase naming what is wrong."""
     path = shard_path(out, shard)
     if not path.exists():
@@ -161,6 +197,7 @@ def read_shard(req: Request, out: Path, shard: int) -> tuple[np.ndarray | None, 
     try:
         with h5py.File(path, "r", locking=False) as f:
             images, seeds, attrs = f["images"][:], f["seed"][:], dict(f.attrs)
+            masks = f["masks"][:] if "masks" in f else None
     except (OSError, KeyError, ValueError, TypeError) as e:
         return None, f"unreadable ({' '.join(str(e).split()) or type(e).__name__})"
     rows, size = req.shard_range(shard), req.image_size
@@ -178,7 +215,8 @@ def read_shard(req: Request, out: Path, shard: int) -> tuple[np.ndarray | None, 
         return None, f"seeds of another request (expected seed {req.seed})"
     if "images_sha256" in attrs and attrs["images_sha256"] != _sha256(images):
         return None, "images damaged (checksum mismatch)"
-    return images, None
+    why = _check_masks(req, images, masks, attrs)
+    return (None, why) if why else (Block(images, masks), None)
 
 
 def bad_shards(req: Request, out: Path, shards: Iterable[int]) -> dict[int, str]:
@@ -198,10 +236,14 @@ def report_bad(req: Request, out: Path, shards: Iterable[int]) -> list[int]:
 
 def generate_shards(pipe: Pipeline, req: Request, out: Path, worker: int, workers: int, progress: bool = True) -> int:
     """Make this worker's missing or bad shards; returns how many it made."""
+    if pipe.paired != req.paired:  # its shards would never pass `read_shard`
+        does = "does" if pipe.paired else "does not"
+        raise ShardError(f"{req.checkpoint}: its autoencoder {does} decode masks, but its data.masks is {req.paired}")
     mine = range(worker, req.num_shards, workers)
     todo = report_bad(req, out, mine)
     host = os.environ.get("SLURMD_NODENAME", socket.gethostname())
-    where = f"{host} ({pipe.device}, {req.precision}, torch threads: {torch.get_num_threads()})"
+    kind = f"{req.precision}, with masks" if req.paired else req.precision
+    where = f"{host} ({pipe.device}, {kind}, torch threads: {torch.get_num_threads()})"
     print(f"worker {worker}/{workers} on {where}: {len(todo)} of {len(mine)} shards to make", flush=True)
     for shard in tqdm(todo, desc=f"shards (worker {worker}/{workers})", disable=not progress):
         path = shard_path(out, shard)
@@ -209,15 +251,21 @@ def generate_shards(pipe: Pipeline, req: Request, out: Path, worker: int, worker
             stale.unlink(missing_ok=True)
         indices = list(req.shard_range(shard))
         seeds = [image_seed(req.seed, i) for i in indices]
-        batches = [
-            pipe.generate(seeds[b : b + req.batch_size], req.sampler, req.steps, req.eta, precision=req.precision)
-            for b in range(0, len(seeds), req.batch_size)
-        ]
-        images = torch.cat(batches)[:, 0].cpu().numpy()
         attrs = {"first_index": indices[0], "checkpoint_sha256": req.checkpoint_sha256, "precision": req.precision}
         attrs |= {"worker": worker, "workers": workers}  # who made it: shows that workers' shares are disjoint
-        _write_h5_atomic(path, images, np.asarray(seeds, dtype=np.int64), attrs)
+        _write_h5_atomic(path, make_block(pipe, req, seeds), np.asarray(seeds, dtype=np.int64), attrs)
     return len(todo)
+
+
+def make_block(pipe: Pipeline, req: Request, seeds: list[int]) -> Block:
+    """The samples of `seeds`, in the request's fixed batches (so every worker makes the same bytes)."""
+    images, masks = [], []
+    for b in range(0, len(seeds), req.batch_size):
+        batch = seeds[b : b + req.batch_size]
+        image, mask = pipe.generate_pairs(batch, req.sampler, req.steps, req.eta, precision=req.precision)
+        images.append(image[:, 0].cpu().numpy())
+        masks.append(None if mask is None else mask[:, 0].cpu().numpy())
+    return Block(np.concatenate(images), np.concatenate(masks) if req.paired else None)
 
 
 def missing_shards(req: Request, out: Path) -> list[int]:
@@ -242,43 +290,107 @@ def merge(out: Path, grid_size: int = 64) -> Path:
 
     Every shard is checked first, so a bad one stops the merge with one line naming it before
     anything is written. samples.npz holds `arr_0`, N x H x W x 1 uint8, the layout the common
-    FID tools read.
+    FID tools read, and for a paired model `masks`, N x H x W uint8 as in samples.h5.
     """
     req = read_request(out)
     check_all_shards(req, out)
-    n, size = req.num_samples, req.image_size
     h5_tmp, npz_tmp = temp_path(out / "samples.h5"), temp_path(out / "samples.npz")
-    grid_images = []
     try:
         with h5py.File(h5_tmp, "w", locking=False) as dst, zipfile.ZipFile(npz_tmp, "w", allowZip64=True) as npz:
-            images = dst.create_dataset("images", (n, size, size), dtype=np.uint8, chunks=(1, size, size))
-            seeds = dst.create_dataset("seed", (n,), dtype=np.int64)
-            dst.attrs.update({k: v for k, v in asdict(req).items() if k not in ("batch_size", "shard_size")})
-            with npz.open("arr_0.npy", "w", force_zip64=True) as arr:
-                header = {"descr": "|u1", "fortran_order": False, "shape": (n, size, size, 1)}
-                np.lib.format.write_array_header_2_0(arr, header)
-                for shard in range(req.num_shards):
-                    rows = req.shard_range(shard)
-                    block, why = read_shard(req, out, shard)
-                    if block is None:  # changed since the check
-                        raise ShardError(f"{shard_path(out, shard)}: {why}; rerun the same sampling command")
-                    images[rows.start : rows.stop] = block
-                    seeds[rows.start : rows.stop] = [image_seed(req.seed, i) for i in rows]
-                    arr.write(block.tobytes())
-                    if sum(len(g) for g in grid_images) < grid_size:
-                        grid_images.append(block[: grid_size - sum(len(g) for g in grid_images)])
+            shown = _merge_shards(req, out, dst, npz, grid_size)
+            if req.paired:  # a zip takes one member at a time: the masks follow, read back from samples.h5
+                _stream_npy(npz, "masks", req, lambda shard: dst["masks"][_rows(req, shard)])
         os.replace(h5_tmp, out / "samples.h5")
         os.replace(npz_tmp, out / "samples.npz")
     finally:
         h5_tmp.unlink(missing_ok=True)
         npz_tmp.unlink(missing_ok=True)
-    save_grid(np.concatenate(grid_images), out / "grid.png")
+    save_grid(shown.images, out / "grid.png", masks=shown.masks)
     return out / "samples.h5"
 
 
-def save_grid(images: np.ndarray, path: Path, nrow: int = 8) -> None:
-    """uint8 (B, H, W) -> one PNG grid, written atomically."""
-    grid = make_grid(torch.from_numpy(images[:, None]).float() / 255, nrow=nrow, padding=2, pad_value=1)
+def _provenance(req: Request) -> dict:
+    """samples.h5's attributes: the request but its batching. `paired` is written only when true,
+    so an image-only file stays exactly what it was before the paired mode (read it with
+    attrs.get("paired", False), which files made before it need anyway)."""
+    attrs = {k: v for k, v in asdict(req).items() if k not in ("batch_size", "shard_size", "paired")}
+    return attrs | ({"paired": True} if req.paired else {})
+
+
+def _merge_shards(req: Request, out: Path, dst: h5py.File, npz: zipfile.ZipFile, grid_size: int) -> Block:
+    """Copy every shard into samples.h5 (and its images into the npz's arr_0); returns the first
+    `grid_size` samples, for the grid."""
+    n, size = req.num_samples, req.image_size
+    images = dst.create_dataset("images", (n, size, size), dtype=np.uint8, chunks=(1, size, size))
+    seeds = dst.create_dataset("seed", (n,), dtype=np.int64)
+    dst.attrs.update(_provenance(req))
+    if req.paired:
+        masks = dst.create_dataset("masks", (n, size, size), dtype=np.uint8, chunks=(1, size, size))
+        masks.attrs.update({"values": np.asarray(MASK_VALUES, np.uint8), "classes": CLASS_NAMES})
+    shown: list[Block] = []
+
+    def shard_images(shard: int) -> np.ndarray:
+        block, why = read_shard(req, out, shard)
+        if block is None:  # changed since the check
+            raise ShardError(f"{shard_path(out, shard)}: {why}; rerun the same sampling command")
+        rows = req.shard_range(shard)
+        images[rows.start : rows.stop] = block.images
+        seeds[rows.start : rows.stop] = [image_seed(req.seed, i) for i in rows]
+        if block.masks is not None:
+            masks[rows.start : rows.stop] = block.masks
+        if rows.start < grid_size:
+            shown.append(block)
+        return block.images
+
+    _stream_npy(npz, "arr_0", req, shard_images, channel=True)
+    return _first(shown, grid_size)
+
+
+def _stream_npy(
+    npz: zipfile.ZipFile, name: str, req: Request, rows_of: Callable[[int], np.ndarray], channel: bool = False
+) -> None:
+    """Write npz member `name`, uint8 (N, H, W[, 1]), one shard's rows at a time (`rows_of(shard)`)."""
+    n, size = req.num_samples, req.image_size
+    with npz.open(f"{name}.npy", "w", force_zip64=True) as arr:
+        shape = (n, size, size, 1) if channel else (n, size, size)
+        np.lib.format.write_array_header_2_0(arr, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        for shard in range(req.num_shards):
+            arr.write(np.ascontiguousarray(rows_of(shard)).tobytes())
+
+
+def _rows(req: Request, shard: int) -> slice:
+    """The rows of shard `shard` as h5py indexes them (a slice, not a range)."""
+    rows = req.shard_range(shard)
+    return slice(rows.start, rows.stop)
+
+
+def _first(blocks: list[Block], count: int) -> Block:
+    """The first `count` samples of consecutive blocks, as one block."""
+    images = np.concatenate([b.images for b in blocks])[:count]
+    masks = np.concatenate([b.masks for b in blocks])[:count] if blocks[0].masks is not None else None
+    return Block(images, masks)
+
+
+# The grid's mask colours, by class (data.masks.CLASS_NAMES: background, CSF, grey matter, white
+# matter): black, sky blue, vermillion, yellow. Okabe-Ito colours, told apart by colour-blind
+# readers too; looked at on 64 and 256 pixel slices, where orange beside yellow (grey and white
+# matter) blurred together and a darker blue hid the thin CSF.
+MASK_COLOURS = np.array([(0, 0, 0), (86, 180, 233), (213, 94, 0), (240, 228, 66)], dtype=np.uint8)
+
+
+def colour_masks(masks: np.ndarray) -> np.ndarray:
+    """uint8 mask values (B, H, W) -> uint8 RGB (B, 3, H, W) in `MASK_COLOURS`."""
+    labels = to_labels(torch.from_numpy(masks)).numpy()
+    return MASK_COLOURS[labels].transpose(0, 3, 1, 2)
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int = 8, masks: np.ndarray | None = None) -> None:
+    """uint8 (B, H, W) -> one PNG grid, written atomically; with `masks`, each slice has its mask
+    in colour at its right (`nrow` pairs a row)."""
+    tiles = torch.from_numpy(images[:, None])
+    if masks is not None:
+        tiles = torch.cat([tiles.expand(-1, 3, -1, -1), torch.from_numpy(colour_masks(masks))], dim=3)
+    grid = make_grid(tiles.float() / 255, nrow=nrow, padding=2, pad_value=1)
     tmp = temp_path(path)
     save_image(grid, tmp, format="png")
     os.replace(tmp, path)
