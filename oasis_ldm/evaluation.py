@@ -13,6 +13,7 @@ plain float32 (`ieee_float32`), so a report made on a GPU matches the CPU's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from oasis_ldm.metrics import (
     summarise_neighbour_ssim,
 )
 from oasis_ldm.sampling.pipeline import load_frozen_vae
+from oasis_ldm.segmentation import SegmenterTraining, evaluate_segmentation
 
 PROVENANCE = ("checkpoint", "checkpoint_sha256", "checkpoint_step", "sampler", "steps", "eta", "seed")
 PICTURE_SIDE = 256  # smaller slices are enlarged by a whole factor in the pictures, so anatomy shows
@@ -145,6 +147,52 @@ def read_samples(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     except (OSError, KeyError) as e:
         raise EvaluationError(f"{path}: not a samples file ({e})") from None
     return images, attrs
+
+
+def read_sample_masks(path: str | Path) -> torch.Tensor:
+    """uint8 (N, 1, H, W) masks of a paired model's samples.h5; EvaluationError when it has none."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if "masks" not in f:
+                raise EvaluationError(
+                    f"{path}: holds no masks; --segmentation needs samples of a paired model (data.masks=true, "
+                    "e.g. --config demo-paired)"
+                )
+            return torch.from_numpy(f["masks"][:])[:, None]
+    except OSError as e:
+        raise EvaluationError(f"{path}: not a samples file ({e})") from None
+
+
+def check_segmentation_inputs(
+    samples_path: str | Path, data: str | Path, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples' images and masks, once the samples and the split are known to have masks."""
+    images, attrs = read_samples(samples_path)
+    masks = read_sample_masks(samples_path)
+    real = load_split(data, split, int(attrs["image_size"]) if "image_size" in attrs else None)
+    check_sizes(images, attrs, Path(data), real)
+    if not has_masks(real):
+        raise EvaluationError(f"{data}: split {split!r} has no masks; --segmentation needs a file packed with them")
+    return images, masks
+
+
+def evaluate_sample_segmentation(
+    samples_path: str | Path,
+    data: str | Path,
+    split: str,
+    *,
+    steps: int = SegmenterTraining.steps,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Train on synthetic, test on real: segmenters trained on the samples' image-mask pairs and
+    on real pairs of `split`, all tested on the real test split (oasis_ldm/segmentation.py)."""
+    images, masks = check_segmentation_inputs(samples_path, data, split)
+    settings = dataclasses.replace(SegmenterTraining(), steps=steps)
+    try:
+        return evaluate_segmentation(data, images, masks, split=split, settings=settings, seed=seed, device=device)
+    except (KeyError, ValueError) as e:
+        raise EvaluationError(str(e)) from None
 
 
 def check_sizes(samples: torch.Tensor, attrs: dict[str, Any], data: Path, real: OasisH5Dataset) -> None:

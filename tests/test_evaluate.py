@@ -234,7 +234,7 @@ def test_help_shows_every_default():
     entries = dict(re.findall(r"(--[a-z-]+) (?:[A-Z_]+|\{[a-z,]+\}) (.*?)(?= --[a-z]|$)", text))
     required = {"--data", "--out", "--vae-ckpt", "--samples"}  # --vae-ckpt or --samples is required
     optional = {flag: help for flag, help in entries.items() if flag not in required}
-    assert len(optional) == 8, sorted(optional)
+    assert len(optional) == 9, sorted(optional)
     for flag, help in optional.items():
         assert "(default: " in help, (flag, help)
     assert "(default: test)" in optional["--split"]
@@ -275,3 +275,52 @@ def test_samples_report_is_the_same_on_cpu_and_gpu(tmp_path, masked_h5, tiny_h5)
             if isinstance(value, float):
                 assert gpu[key] == pytest.approx(value, abs=1e-5), key
         assert torch.equal(cpu_picture, gpu_picture)
+
+
+def write_paired_samples(path: Path, images: np.ndarray, masks: np.ndarray) -> Path:
+    """A paired model's samples.h5: images and masks, uint8 (N, H, W)."""
+    write_samples(path, images)
+    with h5py.File(path, "a") as f:
+        f["masks"] = masks
+        f.attrs["paired"] = True
+    return path
+
+
+def test_segmentation_report_of_paired_samples(tmp_path, tiny_paired_h5):
+    """Real validate pairs stand in for samples: they teach a segmenter about as well as real train
+    pairs; the same slices with shuffled masks teach it far less, and agree far less."""
+    from oasis_ldm.data.dataset import OasisH5Dataset
+
+    val = OasisH5Dataset(tiny_paired_h5, "validate", raw=True)
+    images, masks = val.read_raw(range(len(val)))[:, 0].numpy(), val.read_raw(range(len(val)), mask=True)[:, 0].numpy()
+    good = write_paired_samples(tmp_path / "good.h5", images, masks)
+    bad = write_paired_samples(tmp_path / "bad.h5", images, masks[::-1].copy())
+    reports = {}
+    for name, samples in (("good", good), ("bad", bad)):
+        out = evaluate("--data", tiny_paired_h5, "--split", "train", "--samples", samples, "--segmentation",
+                       "--seg-steps", "120", "--out", tmp_path / f"{name}.json", "--tb", tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    good_report, bad_report = reports["good"], reports["bad"]
+    keys = {"seg_dice_real", "seg_dice_real_full", "seg_dice_synthetic", "seg_dice_mixed", "seg_dice_per_class"}
+    assert keys | {"tstr_ratio", "mask_agreement"} <= set(good_report)
+    assert set(good_report["seg_dice_per_class"]["synthetic"]) == {"csf", "grey_matter", "white_matter"}
+    assert good_report["tstr_ratio"] > 0.8 and good_report["mask_agreement"] > 0.6
+    assert bad_report["tstr_ratio"] < good_report["tstr_ratio"] - 0.2
+    assert bad_report["mask_agreement"] < good_report["mask_agreement"] - 0.2
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"eval_samples/tstr_ratio", "eval_samples/seg_dice_per_class/synthetic/csf"} <= set(events.Tags()["scalars"])
+
+
+def test_segmentation_needs_paired_samples_and_says_so(tmp_path, tiny_paired_h5, tiny_h5):
+    plain = write_samples(tmp_path / "plain.h5", np.zeros((2, 32, 32), np.uint8))
+    out = evaluate("--data", tiny_paired_h5, "--samples", plain, "--segmentation", "--out", tmp_path / "r.json")
+    one_line_error(out, "holds no masks; --segmentation needs samples of a paired model")
+    paired = write_paired_samples(tmp_path / "p.h5", np.zeros((2, 32, 32), np.uint8), np.zeros((2, 32, 32), np.uint8))
+    out = evaluate(
+        "--data", tiny_h5, "--split", "train", "--samples", paired, "--segmentation", "--out", tmp_path / "r.json"
+    )
+    one_line_error(out, "split 'train' has no masks")
+    out = evaluate("--data", tiny_h5, "--vae-ckpt", "x", "--segmentation", "--out", tmp_path / "r.json")
+    assert out.returncode == 2 and "--segmentation needs --samples" in out.stderr

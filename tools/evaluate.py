@@ -3,6 +3,8 @@
     python tools/evaluate.py --data data/oasis.h5 --split test --vae-ckpt runs/vae256 --out vae.json
     python tools/evaluate.py --data data/oasis.h5 --split train --samples samples/ldm256/samples.h5 \\
         --out samples.json [--inception-weights pt_inception-2015-12-05-6726825d.pth] [--tb runs/ldm256]
+    python tools/evaluate.py --data data/oasis.h5 --split train --samples samples/paired/samples.h5 \\
+        --out paired.json --segmentation      # samples of a paired model: train on synthetic, test on real
 
 Writes the report (JSON) and a side-by-side PNG next to it (real | reconstruction, or
 sample | its nearest slice of the split); with --tb, logs the figures to that run's TensorBoard.
@@ -21,7 +23,14 @@ import torch
 from oasis_ldm.checkpoint import CheckpointError
 from oasis_ldm.data.oasis import SPLITS
 from oasis_ldm.distributed import pick_device
-from oasis_ldm.evaluation import EvaluationError, evaluate_reconstruction, evaluate_samples
+from oasis_ldm.evaluation import (
+    EvaluationError,
+    check_segmentation_inputs,
+    evaluate_reconstruction,
+    evaluate_sample_segmentation,
+    evaluate_samples,
+)
+from oasis_ldm.segmentation import SegmenterTraining
 from oasis_ldm.threads import configure_threads
 
 
@@ -68,9 +77,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seed of the real subset, the pairs and the KID subsets (default: %(default)s)",
     )
     p.add_argument(
+        "--segmentation",
+        action="store_true",
+        help="with --samples of a paired model: train segmenters on the samples' image-mask pairs and on real "
+        "pairs of --split, test them on the real test split (tstr_ratio, mask_agreement); minutes on a CPU",
+    )
+    p.add_argument(
+        "--seg-steps",
+        type=int,
+        default=SegmenterTraining.steps,
+        help="training steps of each segmenter (default: %(default)s)",
+    )
+    p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: %(default)s)"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.segmentation and args.samples is None:
+        p.error("--segmentation needs --samples (of a paired model)")
+    if args.seg_steps < 1:
+        p.error("--seg-steps must be >= 1")
+    return args
 
 
 def fail(message: str) -> int:
@@ -90,13 +116,24 @@ def write_outputs(report: dict, picture: torch.Tensor, out: Path) -> Path:
     return png
 
 
+def numbers(report: dict, prefix: str = "") -> dict[str, float]:
+    """The report's numeric figures, nested ones (seg_dice_per_class) as `outer/inner` keys."""
+    out = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            out.update(numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def log_to_tensorboard(run_dir: Path, report: dict, picture: torch.Tensor, kind: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     step = int(report.get("checkpoint_step", 0))
     with SummaryWriter(str(run_dir / "tb")) as writer:
-        for key, value in report.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "checkpoint_step":
+        for key, value in numbers(report).items():
+            if key != "checkpoint_step":
                 writer.add_scalar(f"eval_{kind}/{key}", value, step)
         writer.add_image(f"eval_{kind}/side_by_side", picture, step)
 
@@ -118,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             kind = "reconstruction"
         else:
+            if args.segmentation:  # its inputs fail in a second, before the minutes of the other report
+                check_segmentation_inputs(args.samples, args.data, args.split)
             report, picture = evaluate_samples(
                 args.samples,
                 args.data,
@@ -129,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                 device=device,
             )
             kind = "samples"
+            if args.segmentation:
+                report.update(
+                    evaluate_sample_segmentation(
+                        args.samples, args.data, args.split, steps=args.seg_steps, seed=args.seed, device=device
+                    )
+                )
     except (EvaluationError, CheckpointError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
     report["torch_threads"] = threads

@@ -1,4 +1,5 @@
-"""The networks: KL autoencoder, the seed's latent U-Net, the PatchGAN discriminator."""
+"""The networks: KL autoencoder, the seed's latent U-Net, the PatchGAN discriminator, and the
+small segmentation U-Net that judges paired samples (tools/evaluate.py --segmentation)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from torch import nn
 
 from oasis_ldm.config import Config
 from oasis_ldm.models.discriminator import NLayerDiscriminator, generator_adv_loss, hinge_d_loss
+from oasis_ldm.models.segmenter import Segmenter
 from oasis_ldm.models.unet import (
     AttentionBlock,
     ConvReluBlock,
@@ -24,6 +26,7 @@ __all__ = [
     "DiagonalGaussian",
     "EncoderBlock",
     "NLayerDiscriminator",
+    "Segmenter",
     "UNet",
     "build_discriminator",
     "build_unet",
