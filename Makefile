@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install lint clean
+.PHONY: demo demo-paired test install lint clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): setup.cfg pyproject.toml
 # The main job on the embedded demo data (see README "Demo").
 demo: $(STAMP)
 	$(PY) tools/demo.py --out demo_out
+
+# Paired image + mask synthesis on the same demo data, judged by segmentation (README).
+demo-paired: $(STAMP)
+	$(PY) tools/demo.py --out demo_out --paired
 
 # The whole test suite, with the project's real two-node SLURM cluster booted around it.
 test: $(STAMP)

@@ -1,6 +1,7 @@
 """The whole pipeline on the embedded demo data, as a user would run it (`make demo`).
 
-    python tools/demo.py --out demo_out
+    python tools/demo.py --out demo_out            # make demo
+    python tools/demo.py --out demo_out --paired   # make demo-paired: image-mask pairs
 
 demo data (MNI152 slices) -> pack_h5 -> train vae -> train ldm -> 64 samples + grid -> evaluation,
 each step the project's own command, run locally (`--cluster local`). Every step is skipped
@@ -33,37 +34,36 @@ def step(title: str, cmd: list[str], done: Path | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Run the demo pipeline end to end on generated MNI152 slices.")
+    p = argparse.ArgumentParser(
+        description="Run the demo pipeline end to end on generated MNI152 slices.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything the demo makes")
     p.add_argument("--samples", type=int, default=64, help="how many slices to generate at the end")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="the demo-paired preset: image-mask pairs, judged by train-on-synthetic segmentation",
+    )
     args = p.parse_args(argv)
     out = args.out.resolve()
     py = sys.executable
-    png, h5, runs, samples = out / "png", out / "demo.h5", out / "runs" / "demo", out / "samples"
+    config, name = ("demo-paired", "paired") if args.paired else ("demo", "demo")
+    png, h5, runs = out / "png", out / "demo.h5", out / "runs" / name
+    samples, reports = out / ("paired_samples" if args.paired else "samples"), out / "eval"
     t0 = time.perf_counter()
     step("demo data", [py, "tools/make_demo_data.py", "--out", str(png)], done=png)
     step("pack", [py, "tools/pack_h5.py", "--src", str(png), "--out", str(h5)], done=h5)
-    train = [py, "launch/train.py", "--stage", "all", "--config", "demo", "--run-dir", str(runs)]
+    train = [py, "launch/train.py", "--stage", "all", "--config", config, "--run-dir", str(runs)]
     step("train vae, then ldm", [*train, "--set", f"data.path={h5}", "--cluster", "local", "--time", "60"])
     sample = [py, "launch/sample.py", "--ckpt", str(runs / "ldm"), "--num-samples", str(args.samples)]
     step("sample", [*sample, "--out", str(samples), "--batch-size", "64", "--cluster", "local"])
     evaluate = [py, "tools/evaluate.py", "--data", str(h5)]
-    vae_report, samples_report = out / "eval" / "vae_test.json", out / "eval" / "samples_vs_train.json"
+    vae_report, samples_report = reports / f"{name}_vae_test.json", reports / f"{name}_samples_vs_train.json"
     step("evaluate the vae", [*evaluate, "--split", "test", "--vae-ckpt", str(runs / "vae"), "--out", str(vae_report)])
-    step(
-        "evaluate the samples",
-        [
-            *evaluate,
-            "--split",
-            "train",
-            "--samples",
-            str(samples / "samples.h5"),
-            "--out",
-            str(samples_report),
-            "--tb",
-            str(runs / "ldm"),
-        ],
-    )
+    judge = [*evaluate, "--split", "train", "--samples", str(samples / "samples.h5"), "--out", str(samples_report)]
+    judge += ["--tb", str(runs / "ldm"), *(["--segmentation"] if args.paired else [])]
+    step("evaluate the samples" + (" (and segment with them)" if args.paired else ""), judge)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     print(f"  samples:      {samples / 'grid.png'}  (all of them: {samples / 'samples.h5'})")
     print(f"  training:     {runs}/vae/images and {runs}/ldm/images (PNG grids)")
