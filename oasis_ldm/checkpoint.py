@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from oasis_ldm.atomic import atomic_open
 
 LAST = "last.pt"
 SNAPSHOT_RE = re.compile(r"^step_(\d{8})\.pt$")
@@ -35,21 +36,8 @@ def snapshot_name(step: int) -> str:
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
     """Write `obj` to `path` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def verify(data: bytes, path: Path) -> None:

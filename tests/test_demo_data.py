@@ -35,7 +35,7 @@ def test_layout_masks_and_brain_on_black(tmp_path, templates):
     out = tmp_path / "demo"
     counts = write_demo(out, SPEC, templates=templates)
     assert counts == {"train": 12, "validate": 6, "test": 6}
-    assert not (tmp_path / "demo.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary folder left
     listings = list_splits(out)  # parses and pairs every name
     cases = [{row.case_id for row in x.rows} for x in listings]
     assert [len(c) for c in cases] == [2, 1, 1]

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from oasis_ldm.atomic import atomic_path, write_text
 from oasis_ldm.checkpoint import CheckpointError
 from oasis_ldm.data.oasis import SPLITS
 from oasis_ldm.distributed import pick_device
@@ -107,12 +107,10 @@ def fail(message: str) -> int:
 def write_outputs(report: dict, picture: torch.Tensor, out: Path) -> Path:
     from torchvision.utils import save_image
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_text(out, json.dumps(report, indent=2) + "\n")
     png = out.with_suffix(".png")
-    save_image(picture.float() / 255, png)
+    with atomic_path(png) as tmp:
+        save_image(picture.float() / 255, tmp, format="png")
     return png
 
 

@@ -12,7 +12,6 @@ Same seed, same bytes: every random draw comes from generators seeded by (seed, 
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from oasis_ldm.atomic import atomic_path
 from oasis_ldm.data.oasis import IMAGE_DIR, MASK_DIR, SPLITS, image_name, mask_name
 
 MASK_LEVELS = (85, 170, 255)  # CSF, grey matter, white matter (0 is background)
@@ -181,7 +181,7 @@ def write_demo(
 ) -> dict[str, int]:
     """Write the demo folder at `out` and return slices per split.
 
-    Built in `out.partial` and renamed on success, so a failure leaves no half folder.
+    Built in a temporary folder and renamed on success, so a failure leaves no half folder.
     `progress(n)` is called after each case; `templates` lets callers reuse loaded volumes.
     """
     spec = spec or DemoSpec()
@@ -190,10 +190,8 @@ def write_demo(
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise DemoError(f"{out}: already exists and is not empty (use --overwrite)")
     tpl = templates or load_templates()
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     counts = {}
-    try:
+    with atomic_path(out) as partial:
         for split, numbers in zip(SPLITS, _case_numbers(spec), strict=True):
             image_dir = partial / IMAGE_DIR.format(split=split)
             mask_dir = partial / MASK_DIR.format(split=split)
@@ -207,10 +205,6 @@ def write_demo(
                 if progress is not None:
                     progress(spec.slices_per_case)
             counts[split] = len(numbers) * spec.slices_per_case
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        if out.exists() and not out.is_dir():
+            out.unlink()
     return counts

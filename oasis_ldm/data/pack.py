@@ -49,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import oasis_ldm
+from oasis_ldm.atomic import atomic_path
 from oasis_ldm.data import schema
 from oasis_ldm.data.oasis import SPLITS, LayoutError, SplitListing, list_splits
 
@@ -695,12 +696,10 @@ def _write_and_rename(partial: Path, out: Path, listings: list[SplitListing], op
     """Write `partial`, verify it when asked, and rename it to OUT; one-line errors naming OUT."""
     shape = read_png(listings[0].rows[0].image).shape
     try:
-        with _out_errors(out, "write failed"):
+        with _out_errors(out, "write failed"), atomic_path(out, temp=partial):
             totals = _write_file(partial, listings, shape, options)
-        if options.verify:
-            verify_file(partial, listings, totals.crc, options.workers)
-        with _out_errors(out, "write failed"):
-            os.replace(partial, out)
+            if options.verify:
+                verify_file(partial, listings, totals.crc, options.workers)
     except WorkerLost as e:  # SIGTERM, SIGKILL, the OOM killer
         raise PackError(f"{out}: not written: {e}") from None
 

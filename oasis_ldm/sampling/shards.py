@@ -31,6 +31,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from oasis_ldm.atomic import atomic_path, write_text
 from oasis_ldm.data.masks import CLASS_NAMES, to_labels
 from oasis_ldm.data.schema import MASK_VALUES
 from oasis_ldm.diffusion import PRECISIONS
@@ -90,15 +91,6 @@ class ShardError(RuntimeError):
     """A shard the merge needs is missing or bad: one line naming it and what to do."""
 
 
-def temp_path(path: Path) -> Path:
-    """A hidden name next to `path` that only this process uses (host and pid).
-
-    Every task of a job writes request.json, and tasks on other nodes can have the same
-    pid: one shared temp name lets one task rename (or truncate) another's half-written file.
-    """
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
 def _identity(req: Request) -> dict:
     """What makes two requests the same: everything but the checkpoint's path, which may move
     (its bytes, the checksum, may not)."""
@@ -112,19 +104,13 @@ def write_request(out: Path, req: Request) -> None:
     exists: of several tasks starting at once one creates it and the others compare with it.
     """
     out.mkdir(parents=True, exist_ok=True)
-    path, tmp = out / "request.json", temp_path(out / "request.json")
+    path = out / "request.json"
     if not path.exists():
-        tmp.write_text(json.dumps(asdict(req), indent=2) + "\n")
         try:
-            os.link(tmp, path)
+            write_text(path, json.dumps(asdict(req), indent=2) + "\n", exclusive=True)
             return
         except FileExistsError:
             pass  # another task was first: compare with what it wrote
-        except OSError:  # a file system without hard links: the last writer wins
-            os.replace(tmp, path)
-            return
-        finally:
-            tmp.unlink(missing_ok=True)
     old, new = _identity(read_request(out)), _identity(req)
     diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diffs:
@@ -153,19 +139,14 @@ class Block:
 
 
 def _write_h5_atomic(path: Path, block: Block, seeds: np.ndarray, attrs: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with h5py.File(tmp, "w", locking=False) as f:  # a private file: no lock (NFS refuses them)
-            f.create_dataset("images", data=block.images, chunks=(1, *block.images.shape[1:]))
-            f.create_dataset("seed", data=seeds)
-            f.attrs.update({**attrs, "images_sha256": _sha256(block.images)})
-            if block.masks is not None:
-                f.create_dataset("masks", data=block.masks, chunks=(1, *block.masks.shape[1:]))
-                f.attrs["masks_sha256"] = _sha256(block.masks)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # A private file: no HDF5 lock (NFS refuses them).
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", locking=False) as f:
+        f.create_dataset("images", data=block.images, chunks=(1, *block.images.shape[1:]))
+        f.create_dataset("seed", data=seeds)
+        f.attrs.update({**attrs, "images_sha256": _sha256(block.images)})
+        if block.masks is not None:
+            f.create_dataset("masks", data=block.masks, chunks=(1, *block.masks.shape[1:]))
+            f.attrs["masks_sha256"] = _sha256(block.masks)
 
 
 MISSING = "missing"
@@ -294,17 +275,15 @@ def merge(out: Path, grid_size: int = 64) -> Path:
     """
     req = read_request(out)
     check_all_shards(req, out)
-    h5_tmp, npz_tmp = temp_path(out / "samples.h5"), temp_path(out / "samples.npz")
-    try:
-        with h5py.File(h5_tmp, "w", locking=False) as dst, zipfile.ZipFile(npz_tmp, "w", allowZip64=True) as npz:
-            shown = _merge_shards(req, out, dst, npz, grid_size)
-            if req.paired:  # a zip takes one member at a time: the masks follow, read back from samples.h5
-                _stream_npy(npz, "masks", req, lambda shard: dst["masks"][_rows(req, shard)])
-        os.replace(h5_tmp, out / "samples.h5")
-        os.replace(npz_tmp, out / "samples.npz")
-    finally:
-        h5_tmp.unlink(missing_ok=True)
-        npz_tmp.unlink(missing_ok=True)
+    with (
+        atomic_path(out / "samples.h5") as h5_tmp,
+        atomic_path(out / "samples.npz") as npz_tmp,
+        h5py.File(h5_tmp, "w", locking=False) as dst,
+        zipfile.ZipFile(npz_tmp, "w", allowZip64=True) as npz,
+    ):
+        shown = _merge_shards(req, out, dst, npz, grid_size)
+        if req.paired:  # a zip takes one member at a time: the masks follow, read back from samples.h5
+            _stream_npy(npz, "masks", req, lambda shard: dst["masks"][_rows(req, shard)])
     save_grid(shown.images, out / "grid.png", masks=shown.masks)
     return out / "samples.h5"
 
@@ -391,6 +370,5 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 8, masks: np.ndarray |
     if masks is not None:
         tiles = torch.cat([tiles.expand(-1, 3, -1, -1), torch.from_numpy(colour_masks(masks))], dim=3)
     grid = make_grid(tiles.float() / 255, nrow=nrow, padding=2, pad_value=1)
-    tmp = temp_path(path)
-    save_image(grid, tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")

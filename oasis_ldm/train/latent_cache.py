@@ -12,7 +12,6 @@ Geometric augmentation in latent space is limited to horizontal flips.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from oasis_ldm.atomic import atomic_path
 from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.distributed import DistEnv, barrier, on_rank0
 from oasis_ldm.models import DiagonalGaussian
@@ -50,20 +50,15 @@ def _encode_part(path: Path, rows_total: int, encode: Encode, env: DistEnv) -> N
 
 def _merge(parts: list[Path], out: Path, n: int, made_by: dict[str, str | int]) -> None:
     """Interleave the parts back into row order: part r holds rows r, r + W, r + 2W, ..."""
-    tmp = out.with_name(f"{out.name}.partial{os.getpid()}")
     world = len(parts)
-    try:
-        with h5py.File(tmp, "w") as dst:
-            dst.attrs.update(made_by)
-            for rank, part in enumerate(parts):
-                with h5py.File(part, "r") as src:
-                    for key in ("mean", "std"):
-                        if key not in dst:
-                            dst.create_dataset(key, (n, *src[key].shape[1:]), dtype=np.float16)
-                        dst[key][rank::world] = src[key][:]
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as dst:
+        dst.attrs.update(made_by)
+        for rank, part in enumerate(parts):
+            with h5py.File(part, "r") as src:
+                for key in ("mean", "std"):
+                    if key not in dst:
+                        dst.create_dataset(key, (n, *src[key].shape[1:]), dtype=np.float16)
+                    dst[key][rank::world] = src[key][:]
 
 
 def fingerprint(images: OasisH5Dataset, made_by: dict[str, str]) -> dict[str, str | int]:

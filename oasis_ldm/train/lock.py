@@ -13,6 +13,7 @@ refused in one line naming the holder, unless the holder is gone:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oasis_ldm.atomic import write_text
 from oasis_ldm.train.preflight import StartError
 
 LOCK_NAME = "lock"
@@ -154,12 +156,8 @@ class RunLock:
             return
         if holder is None or holder.get("token") != self.token:
             return
-        tmp = self.path.with_name(f".{LOCK_NAME}.tmp.{socket.gethostname()}.{os.getpid()}")
-        try:
-            tmp.write_text(self._content(started))
-            os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a missed beat; the next one retries
+        with contextlib.suppress(OSError):  # a missed beat; the next one retries
+            write_text(self.path, self._content(started))
 
     def release(self) -> None:
         self._stop.set()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from oasis_ldm import __version__
+from oasis_ldm.atomic import write_text
 from oasis_ldm.config import Config, dump_yaml
 from oasis_ldm.train.preflight import Change
 
@@ -41,15 +42,6 @@ def git_revision() -> str:
     return rev + ("-dirty" if dirty else "")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -71,7 +63,7 @@ def record(
     fresh start's config differs from the one a run directory without checkpoints held.
     """
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    write_text(run_dir / "config.yaml", dump_yaml(cfg))
     run_json = run_dir / "run.json"
     info = json.loads(run_json.read_text()) if run_json.exists() else {"starts": []}
     info["stage"] = stage
@@ -90,7 +82,7 @@ def record(
         if items:
             start[name] = [{"key": c.key, "old": _plain(c.old), "new": _plain(c.new)} for c in items]
     info["starts"].append(start)
-    _write_atomic(run_json, json.dumps(info, indent=2) + "\n")
+    write_text(run_json, json.dumps(info, indent=2) + "\n")
 
 
 def stale_outputs(run_dir: Path) -> list[Path]:

@@ -9,7 +9,6 @@ curves neither repeat nor step backwards. Other ranks get a logger that does not
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
+
+from oasis_ldm.atomic import atomic_path
 
 
 class TrainLogger:
@@ -77,9 +78,8 @@ class TrainLogger:
 
 def write_png(grey: np.ndarray, path: Path) -> None:
     """uint8 (H, W) -> PNG, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grey).save(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grey).save(tmp, format="png")
 
 
 def _fmt(value: float) -> str:
