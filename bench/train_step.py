@@ -52,8 +52,9 @@ def make_step(unet, diffusion, opt, device, bf16, encoder=None):
         if encoder is not None:
             with torch.no_grad():
                 x = encoder(x)
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = diffusion.training_loss(unet, x)
+            loss = diffusion.training_loss(unet, x, t, torch.randn_like(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -48,13 +48,11 @@ from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.masks import CLASS_NAMES, NUM_CLASSES, to_labels
 from oasis_ldm.data.transforms import to_float
 from oasis_ldm.models.segmenter import Segmenter
-from oasis_ldm.seeding import derive_seed, make_generator
+from oasis_ldm.rng import EvalStream, derive_seed, generator
 
 VARIANTS = ("real", "real_full", "synthetic", "mixed")
 FOREGROUND = CLASS_NAMES[1:]  # the Dice classes: background is most of a slice and trivially right
 PREDICT_BATCH = 32  # slices per forward pass when predicting (bounds the one-hot Dice states too)
-# Purposes of the derived seeds (seeding.derive_seed): one stream each, never shared.
-WEIGHTS_STREAM, ORDER_STREAM, FLIP_STREAM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -199,11 +197,11 @@ def train_segmenter(
     labels = checked_labels(desc, images, masks)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, WEIGHTS_STREAM))
+        torch.manual_seed(derive_seed(seed, EvalStream.SEGMENTER_WEIGHTS))
         model = Segmenter(settings.widths).to(device)
     x_all, y_all = images.to(device), labels.to(device)
-    order = batch_order(len(images), settings.batch_size, make_generator("cpu", seed, ORDER_STREAM))
-    flips = make_generator("cpu", seed, FLIP_STREAM)
+    order = batch_order(len(images), settings.batch_size, generator("cpu", seed, EvalStream.SEGMENTER_ORDER))
+    flips = generator("cpu", seed, EvalStream.SEGMENTER_FLIPS)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, settings.steps))
     model.train()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oasis_ldm.train.order import BatchError, ResumableSampler, plan_batches, step_rows
+from oasis_ldm.rng import step_rows
+from oasis_ldm.train.order import BatchError, ResumableSampler, plan_batches
 
 
 def sampler(size: int, global_batch: int, world: int, rank: int, micro: int = 0, seed: int = 3) -> ResumableSampler:

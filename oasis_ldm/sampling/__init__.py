@@ -1,6 +1,7 @@
 """Seeded, sharded generation from ldm checkpoints; `python -m oasis_ldm.sampling --help`."""
 
-from oasis_ldm.sampling.pipeline import Pipeline, image_seed, load_frozen_vae, load_pipeline
+from oasis_ldm.rng import image_seed
+from oasis_ldm.sampling.pipeline import Pipeline, load_frozen_vae, load_pipeline
 from oasis_ldm.sampling.shards import (
     Request,
     ShardError,

@@ -27,14 +27,9 @@ from oasis_ldm import checkpoint
 from oasis_ldm.config import from_dict
 from oasis_ldm.data.masks import decode_mask, split_output
 from oasis_ldm.data.transforms import to_uint8
-from oasis_ldm.diffusion import GaussianDiffusion, autocast_model, per_image_randn
+from oasis_ldm.diffusion import GaussianDiffusion, autocast_model
 from oasis_ldm.models import AutoencoderKL, UNet, build_vae
-from oasis_ldm.seeding import derive_seed
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image `index` of a request with seed `seed`."""
-    return derive_seed(seed, index)
+from oasis_ldm.rng import ImageGenerators
 
 
 @dataclass
@@ -71,14 +66,9 @@ class Pipeline:
         their uint8 masks (B, 1, H, W) in `schema.MASK_VALUES` (else None); `precision` None:
         the pipeline's."""
         unet = autocast_model(self.unet, precision or self.precision)
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        x_T = per_image_randn(self.latent_shape, gens, self.device)
-        if sampler == "ddpm":
-            z = self.diffusion.ddpm_sample(unet, x_T, gens, progress=progress)
-        elif sampler == "ddim":
-            z = self.diffusion.ddim_sample(unet, x_T, steps, eta, gens, progress=progress)
-        else:
-            raise ValueError(f"sampler={sampler!r}: expected ddim or ddpm")
+        noise = ImageGenerators(seeds)
+        x_T = noise.randn(self.latent_shape, self.device, torch.float32)
+        z = self.diffusion.sample(unet, x_T, sampler, steps, eta, noise, progress)
         out = self.vae.decode(z / self.scale_factor)
         if not self.paired:
             return to_uint8(out.clamp(-1, 1)), None

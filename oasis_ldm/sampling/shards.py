@@ -35,7 +35,8 @@ from oasis_ldm.atomic import atomic_path, write_text
 from oasis_ldm.data.masks import CLASS_NAMES, to_labels
 from oasis_ldm.data.schema import MASK_VALUES
 from oasis_ldm.diffusion import PRECISIONS
-from oasis_ldm.sampling.pipeline import Pipeline, image_seed
+from oasis_ldm.rng import image_seed
+from oasis_ldm.sampling.pipeline import Pipeline
 
 
 @dataclass(frozen=True)

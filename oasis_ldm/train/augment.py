@@ -15,19 +15,18 @@ import torch
 
 from oasis_ldm.data.masks import pair_input
 from oasis_ldm.data.transforms import AugmentParams, apply_params, sample_params, to_float
+from oasis_ldm.rng import Stream
 from oasis_ldm.train.context import StepContext
-
-AUGMENT = 10  # the `purpose` id of augmentation draws
 
 
 def global_params(n: int, height: int, width: int, mode: str, ctx: StepContext) -> AugmentParams:
     """Parameters drawn for the step's whole batch; this micro-batch's rows on this rank."""
-    gen = ctx.generator(AUGMENT)
-    params = sample_params(ctx.step_rows(n), height, width, mode, gen)
+    draws = ctx.draws
+    params = sample_params(draws.full_rows(n), height, width, mode, draws.generator(Stream.AUGMENT))
     return dataclasses.replace(
         params,
-        flip=None if params.flip is None else ctx.mine(params.flip),
-        boxes=None if params.boxes is None else ctx.mine(params.boxes),
+        flip=None if params.flip is None else draws.mine(params.flip),
+        boxes=None if params.boxes is None else draws.mine(params.boxes),
     )
 
 

@@ -1,8 +1,8 @@
 """What a stage needs to know about the micro-batch it is computing.
 
-The context hands out the step's random numbers under the rule of `order.py` (drawn for the
-step's whole batch, sliced to this micro-batch and rank) and the autocast policy, so stages
-never touch global RNG state and a resumed or re-sharded run draws the same numbers.
+The context hands out the step's random numbers (`draws`, under the rule of oasis_ldm/rng.py)
+and the autocast policy, so stages never touch global RNG state and a resumed or re-sharded
+run draws the same numbers.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from oasis_ldm.distributed import DistEnv
-from oasis_ldm.seeding import make_generator
-from oasis_ldm.train.order import step_rows
+from oasis_ldm.rng import StepDraws
 
 
 @dataclass
@@ -33,25 +32,11 @@ class StepContext:
     def loss_scale(self) -> float:
         return 1.0 / self.accum
 
-    def generator(self, purpose: int, device: torch.device | None = None) -> torch.Generator:
-        return make_generator(device or self.env.device, self.seed, self.step, purpose)
-
-    def step_rows(self, local_rows: int) -> int:
-        """Rows of the step's whole batch, for a micro-batch of `local_rows` on this rank."""
-        return local_rows * self.env.world_size * self.accum
-
-    def mine(self, full: torch.Tensor) -> torch.Tensor:
-        """This micro-batch's rows on this rank, out of a draw for the whole step."""
-        return step_rows(full, self.micro, self.accum, self.env.rank, self.env.world_size)
-
-    def randn(self, local_shape: tuple[int, ...], purpose: int) -> torch.Tensor:
-        n, *rest = local_shape
-        full = torch.randn((self.step_rows(n), *rest), generator=self.generator(purpose), device=self.env.device)
-        return self.mine(full)
-
-    def randint(self, high: int, n: int, purpose: int) -> torch.Tensor:
-        gen = self.generator(purpose)
-        return self.mine(torch.randint(0, high, (self.step_rows(n),), generator=gen, device=self.env.device))
+    @property
+    def draws(self) -> StepDraws:
+        """This round's random numbers, by the rule of oasis_ldm/rng.py."""
+        e = self.env
+        return StepDraws(self.seed, self.step, self.micro, self.accum, e.rank, e.world_size, e.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA and on the CPU alike, so CPU runs take the same code as GPU runs.

@@ -21,13 +21,12 @@ from oasis_ldm.data.transforms import to_float
 from oasis_ldm.diffusion import GaussianDiffusion
 from oasis_ldm.distributed import DistEnv, barrier, broadcast
 from oasis_ldm.models import DiagonalGaussian, UNet
-from oasis_ldm.sampling.pipeline import Pipeline, image_seed, load_frozen_vae
-from oasis_ldm.seeding import make_generator
+from oasis_ldm.rng import Stream, generator, image_seed
+from oasis_ldm.sampling.pipeline import Pipeline, load_frozen_vae
 from oasis_ldm.train.augment import Batch, flip_latents, prepare_batch
 from oasis_ldm.train.context import StepContext
 from oasis_ldm.train.latent_cache import LatentDataset, build_latent_cache
 
-POSTERIOR_NOISE, TIMESTEPS, DIFFUSION_NOISE = 1, 2, 3
 LOG_SEED = 1234  # fixed noise for the logged samples, so grids are comparable across steps
 SCALE_CHUNK = 32  # slices encoded at once when measuring the scale factor
 
@@ -90,7 +89,7 @@ class LDMStage:
         n = min(len(self.images), self.cfg.ldm.scale_samples)
         gen = torch.Generator().manual_seed(self.cfg.train.seed)
         rows = torch.randperm(len(self.images), generator=gen)[:n].sort().values.tolist()
-        dev_gen = make_generator(self.env.device, self.cfg.train.seed, 0x5CA1E)
+        dev_gen = generator(self.env.device, self.cfg.train.seed, Stream.SCALE_FACTOR)
         latents = []
         for i in range(0, n, SCALE_CHUNK):
             posterior = self.encode_rows(rows[i : i + SCALE_CHUNK])
@@ -113,22 +112,22 @@ class LDMStage:
         """
         if self.cfg.ldm.latent_cache:
             mean, std = (t.to(self.env.device, non_blocking=True).float() for t in batch)
-            z = mean + std * ctx.randn(tuple(mean.shape), POSTERIOR_NOISE)
+            z = mean + std * ctx.draws.randn(tuple(mean.shape), Stream.POSTERIOR_NOISE)
             z = flip_latents(z, self.cfg.data.augment, ctx)
         else:
             b = prepare_batch(batch, self.cfg.data.augment, ctx)
             with torch.no_grad():
                 posterior = self.vae.encode(b.model_input())
             mean, std = posterior.mean.float(), posterior.std.float()
-            z = mean + std * ctx.randn(tuple(mean.shape), POSTERIOR_NOISE)
+            z = mean + std * ctx.draws.randn(tuple(mean.shape), Stream.POSTERIOR_NOISE)
         return z * self.scale_factor
 
     def backward(self, wrapped: dict[str, nn.Module], batch: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
         z = self.latents(batch, ctx)
-        t = ctx.randint(self.diffusion.num_timesteps, z.shape[0], TIMESTEPS)
-        noise = ctx.randn(tuple(z.shape), DIFFUSION_NOISE)
+        t = ctx.draws.randint(self.diffusion.num_timesteps, z.shape[0], Stream.TIMESTEPS)
+        noise = ctx.draws.randn(tuple(z.shape), Stream.DIFFUSION_NOISE)
         with ctx.autocast():
-            loss, _ = self.diffusion.training_loss(wrapped["unet"], z, t=t, noise=noise)
+            loss = self.diffusion.training_loss(wrapped["unet"], z, t, noise)
         (loss * ctx.loss_scale).backward()
         return {"mse": loss.detach()}
 

@@ -5,10 +5,10 @@ over the ranks and, where a rank's share is more than `train.micro_batch` (EDM's
 `--batch-gpu`), into accumulation rounds: `BatchPlan`. Every epoch is one seeded permutation
 of the split, cut into global batches; round k of a step is rows [k*B/R, (k+1)*B/R) of it,
 and rank r takes rows r, r + W, r + 2W, ... of a round, as `DistributedSampler` would.
-Random numbers follow the same rule: they are drawn for the step's whole batch from a
-generator seeded by (seed, step, purpose), and each rank keeps the rows of its samples. So
-the draw of a sample depends on its position in the step's batch alone, and one process,
-two ranks, or two ranks with two rounds each train the same model. The data position is
+Random numbers follow the same rule (oasis_ldm/rng.py): they are drawn for the step's whole
+batch and each rank keeps the rows of its samples, so the draw of a sample depends on its
+position in the step's batch alone, and one process, two ranks, or two ranks with two rounds
+each train the same model. The data position is
 counted in samples, so a run resumed on another number of ranks continues where it stopped.
 """
 
@@ -17,10 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from torch.utils.data import Sampler
 
-from oasis_ldm.seeding import derive_seed
+from oasis_ldm.rng import epoch_order
 
 
 class BatchError(ValueError):
@@ -89,21 +88,9 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = epoch, start_sample
 
     def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, 0x5A3, self.epoch))
-        order = torch.randperm(self.size, generator=gen)[self.start : self.samples_per_epoch()]
+        order = epoch_order(self.size, self.seed, self.epoch)[self.start : self.samples_per_epoch()]
         rounds = order.view(-1, self.plan.round_rows)  # rows of each round, in order
         return iter(rounds[:, self.rank :: self.plan.world_size].flatten().tolist())
 
     def __len__(self) -> int:
         return (self.samples_per_epoch() - self.start) // self.plan.world_size
-
-
-def step_rows(full: torch.Tensor, micro: int, accum: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's rows of round `micro`, from a tensor drawn for the step's whole batch.
-
-    The step's rows are ordered round first, then position r + W*j within it, which is how
-    the sampler hands out samples: so the draw for a sample depends on where it sits in the
-    step's global batch, not on how ranks and accumulation divide that batch.
-    """
-    per_round = full.shape[0] // accum
-    return full[micro * per_round : (micro + 1) * per_round][rank::world_size]

@@ -28,11 +28,10 @@ from oasis_ldm.distributed import DistEnv
 from oasis_ldm.metrics.image import paired_figures
 from oasis_ldm.metrics.region import brain_region
 from oasis_ldm.models import build_discriminator, build_vae, generator_adv_loss, hinge_d_loss
+from oasis_ldm.rng import Stream
 from oasis_ldm.train.augment import Batch, prepare_batch
 from oasis_ldm.train.context import StepContext
 from oasis_ldm.train.losses import soft_dice_loss, ssim_loss
-
-POSTERIOR_NOISE = 1  # `purpose` ids keep the step's random streams apart
 
 
 @contextlib.contextmanager
@@ -73,7 +72,7 @@ class VAEStage:
         b = prepare_batch(batch, self.cfg.data.augment, ctx)
         x = b.images
         f, c = self.models["vae"].factor, v.latent_channels
-        noise = ctx.randn((x.shape[0], c, x.shape[2] // f, x.shape[3] // f), POSTERIOR_NOISE)
+        noise = ctx.draws.randn((x.shape[0], c, x.shape[2] // f, x.shape[3] // f), Stream.POSTERIOR_NOISE)
         adversarial = "disc" in self.models and ctx.step > v.disc_start
         with ctx.autocast():
             out, posterior = wrapped["vae"](b.model_input(), noise=noise)
