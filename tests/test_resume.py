@@ -17,6 +17,7 @@ from oasis_ldm import checkpoint
 from oasis_ldm.config import load_config
 from oasis_ldm.distributed import DistEnv
 from oasis_ldm.train import loop as loop_module
+from oasis_ldm.train.state import TrainState
 
 pytestmark = pytest.mark.slow
 COMMON = ["train.image_every=100", "train.batch_size=4", "train.ckpt_every=2", "train.snapshot_every=2"]
@@ -34,15 +35,14 @@ def test_a_resume_onto_another_device_reads_the_checkpoint_on_the_cpu(tmp_path, 
     elsewhere = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("meta"))
     monkeypatch.setattr(loop_module, "init_distributed", lambda device: elsewhere)
     seen = {}
-    real_restore = loop_module.restore
+    real_load = TrainState.load_state_dict
 
-    def spy(saved, stage_, optimizers, ema):
-        position = real_restore(saved, stage_, optimizers, ema)
-        seen["params"] = {p.device.type for m in stage_.models.values() for p in m.parameters()}
-        seen["steps"] = {s["step"].device.type for o in optimizers.values() for s in o.state.values()}
-        return position
+    def spy(state, saved):
+        real_load(state, saved)
+        seen["params"] = {p.device.type for m in state.stage.models.values() for p in m.parameters()}
+        seen["steps"] = {s["step"].device.type for o in state.optimizers.values() for s in o.state.values()}
 
-    monkeypatch.setattr(loop_module, "restore", spy)
+    monkeypatch.setattr(TrainState, "load_state_dict", spy)
     assert loop_module.train(stage, load_config(TINY, sets, stage=stage), run_dir) == 2
     assert seen == {"params": {"meta"}, "steps": {"cpu"}}
 

@@ -15,16 +15,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from oasis_ldm import __version__, checkpoint
+from oasis_ldm import checkpoint
 from oasis_ldm.config import Config, to_dict
 from oasis_ldm.distributed import (
     DistEnv,
@@ -40,22 +37,15 @@ from oasis_ldm.distributed import (
 from oasis_ldm.threads import configure_threads
 from oasis_ldm.train import preflight, rundir
 from oasis_ldm.train.context import Stage, StepContext
-from oasis_ldm.train.ema import EMA
 from oasis_ldm.train.lock import RunLock
 from oasis_ldm.train.order import BatchPlan, ResumableSampler, plan_batches
 from oasis_ldm.train.signals import StopRequest
+from oasis_ldm.train.state import Position, TrainState
 from oasis_ldm.train.tblog import TrainLogger
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss or gradient became NaN/inf; training stops before the weights are touched."""
-
-
-@dataclass
-class Position:
-    step: int = 0  # optimizer steps completed
-    epoch: int = 0
-    samples_in_epoch: int = 0  # global samples of `epoch` already consumed (a step boundary)
 
 
 def say(env: DistEnv, message: str) -> None:
@@ -103,47 +93,55 @@ def _train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: i
 
 
 def _locked_train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: int) -> int:
+    # Build the stage and what its steps change.
     plan = plan_batches(cfg.train.batch_size, env.world_size, cfg.train.micro_batch)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     stage = on_every_rank(lambda: build_stage(stage_name, cfg, env, run_dir))
-    optimizers = make_optimizers(stage, cfg)
-    ema = EMA(stage.models[stage.main], cfg.train.ema_decay)
-    found = resume_point(run_dir / "checkpoints", env)
-    changes: list[preflight.Change] = []
-    replaced: list[preflight.Change] = []
-    if found is None:
-        pos = Position()
-        replaced = on_rank0(lambda: fresh_start(run_dir, cfg, env))
-    else:
-        if found.note:
-            say(env, f"warning: {found.note}")
-        changes = on_every_rank(lambda: resume_changes(found.state, cfg, run_dir))
-        pos = restore(found.state, stage, optimizers, ema)
-        say(env, f"resumed {stage_name} from step {pos.step} of {found.path.name}")
-        del found
+    state = TrainState.create(stage, plan, cfg)
+    # Resume from the newest good checkpoint, or start afresh.
+    changes, replaced = resume_or_start(state, cfg, run_dir, env)
+    pos = state.pos
     if pos.step >= cfg.train.max_steps:
         say(env, f"{stage_name}: already at step {pos.step} (train.max_steps={cfg.train.max_steps}); nothing to do")
         return pos.step
     if pos.step == 0:
         stage.initialise()
+    # Record the start, then train.
     if env.is_main:
-        rundir.record(
-            run_dir, cfg, stage_name, world_size=env.world_size, step=pos.step, threads=threads,
-            changes=changes, replaced=replaced,
-        )  # fmt: skip
+        start = rundir.Start(stage_name, env.world_size, pos.step, threads, changes, replaced)
+        rundir.record(run_dir, cfg, start)
     say(env, f"{stage_name}: {run_dir} | {plan.describe()} | steps {pos.step + 1}..{cfg.train.max_steps}")
-    wrapped = wrap_models(stage.models, env, cfg)
+    state.wrap(env, cfg)
     logger = TrainLogger(run_dir, enabled=env.is_main, first_step=pos.step + 1, max_steps=cfg.train.max_steps)
     for change in changes:
         say(env, f"from step {pos.step + 1}: {change}")
     logger.config_changes(pos.step + 1, changes)
     stop = StopRequest().install()
     try:
-        run_steps(stage, wrapped, optimizers, ema, pos, plan, cfg, env, run_dir, logger, stop)
+        run_steps(state, cfg, env, run_dir, logger, stop)
     finally:
         stop.restore()
         logger.close()
-    return pos.step
+    return state.pos.step
+
+
+def resume_or_start(
+    state: TrainState, cfg: Config, run_dir: Path, env: DistEnv
+) -> tuple[list[preflight.Change], list[preflight.Change]]:
+    """Load the checkpoint rank 0 chose into `state`, or clear a fresh start's stale outputs.
+
+    Returns (the changes this resume makes, how a fresh start's config differs from the one
+    its run directory held), for run.json.
+    """
+    found = resume_point(run_dir / "checkpoints", env)
+    if found is None:
+        return [], on_rank0(lambda: fresh_start(run_dir, cfg, env))
+    if found.note:
+        say(env, f"warning: {found.note}")
+    changes = on_every_rank(lambda: resume_changes(found.state, cfg, run_dir))
+    state.load_state_dict(found.state)
+    say(env, f"resumed {state.stage.name} from step {state.pos.step} of {found.path.name}")
+    return changes, []
 
 
 def fresh_start(run_dir: Path, cfg: Config, env: DistEnv) -> list[preflight.Change]:
@@ -191,33 +189,6 @@ def resume_changes(saved: dict[str, Any], cfg: Config, run_dir: Path) -> list[pr
     return allowed
 
 
-def make_optimizers(stage: Stage, cfg: Config) -> dict[str, torch.optim.Optimizer]:
-    return {
-        name: torch.optim.AdamW(
-            model.parameters(),
-            lr=stage.lr(name),
-            betas=tuple(cfg.train.betas),
-            weight_decay=cfg.train.weight_decay,
-        )
-        for name, model in stage.models.items()
-    }
-
-
-def wrap_models(models: dict[str, nn.Module], env: DistEnv, cfg: Config) -> dict[str, nn.Module]:
-    """DDP across ranks, then optionally torch.compile (CUDA only)."""
-    wrapped = {}
-    for name, model in models.items():
-        if env.distributed:
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            # No model here has buffers (GroupNorm only), so DDP's buffer sync is a no-op: leave
-            # its default, whose keyword was renamed across torch releases.
-            model = DistributedDataParallel(model, device_ids=ids)
-        if cfg.train.compile and env.device.type == "cuda":
-            model = torch.compile(model)
-        wrapped[name] = model
-    return wrapped
-
-
 def make_loader(stage: Stage, plan: BatchPlan, cfg: Config, env: DistEnv) -> tuple[DataLoader, ResumableSampler]:
     sampler = ResumableSampler(len(stage.dataset), plan, env.rank, cfg.train.seed)
     workers = cfg.data.num_workers
@@ -243,100 +214,95 @@ def micro_batches(loader: DataLoader, sampler: ResumableSampler, pos: Position, 
         pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
 
 
-def set_lr(optimizers: dict[str, torch.optim.Optimizer], stage: Stage, step: int, warmup: int) -> float:
+def set_lr(state: TrainState, step: int, warmup: int) -> float:
     factor = min(1.0, step / warmup) if warmup > 0 else 1.0
-    for name, opt in optimizers.items():
+    for name, opt in state.optimizers.items():
         for group in opt.param_groups:
-            group["lr"] = stage.lr(name) * factor
+            group["lr"] = state.stage.lr(name) * factor
     return factor
 
 
 def train_step(
-    stage: Stage,
-    wrapped: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
-    batches: Iterator[Any],
-    step: int,
-    plan: BatchPlan,
-    cfg: Config,
-    env: DistEnv,
-    stop: StopRequest,
+    state: TrainState, batches: Iterator[Any], step: int, cfg: Config, env: DistEnv, stop: StopRequest
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Forward/backward over the rounds, guard, clip and update; returns (logs, stop?)."""
-    for opt in optimizers.values():
+    plan = state.plan
+    for opt in state.optimizers.values():
         opt.zero_grad(set_to_none=True)
+    # Accumulate the gradients of the step's rounds; DDP all-reduces them once, in the last.
     terms: dict[str, torch.Tensor] = {}
     for micro in range(plan.rounds):
         ctx = StepContext(step, micro, plan.rounds, env, cfg.train.seed, cfg.train.precision == "bf16")
         with contextlib.ExitStack() as stack:
-            if micro < plan.rounds - 1:  # gradients are all-reduced once, in the last round
-                for model in wrapped.values():
+            if micro < plan.rounds - 1:
+                for model in state.wrapped.values():
                     if hasattr(model, "no_sync"):
                         stack.enter_context(model.no_sync())
-            logs = stage.backward(wrapped, next(batches), ctx)
+            logs = state.stage.backward(state.wrapped, next(batches), ctx)
         for k, v in logs.items():
             terms[k] = terms.get(k, 0.0) + v.detach().float() / plan.rounds
+    # Clip, and check everything is finite on every rank before touching the weights.
     norms = {}
-    for name, opt in optimizers.items():
+    for name, opt in state.optimizers.items():
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if params:
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
             norms[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(params, clip).detach()
-    # The guard's flags are built on the device and read back once: one host sync per step.
-    finite = torch.stack([torch.isfinite(v).all() for v in [*terms.values(), *norms.values()]]).all()
-    asked = torch.full((), float(stop.requested), device=finite.device)
-    bad, stop_now = all_reduce_max(torch.stack([(~finite).float(), asked])).tolist()
-    if bad > 0:
+    bad, stop_now = guard_flags({**terms, **norms}, stop)
+    if bad:
         found = ", ".join(k for k, v in {**terms, **norms}.items() if not torch.isfinite(v).all()) or "another rank"
         raise NonFiniteLossError(
             f"step {step}: non-finite values in {found}; stopping before the update (the last checkpoint is "
             "untouched; resume with a lower rate, e.g. --set train.lr=..., or check the data)"
         )
-    for opt in optimizers.values():
+    # Update the weights.
+    for opt in state.optimizers.values():
         opt.step()
-    return {**terms, **norms}, stop_now > 0
+    return {**terms, **norms}, stop_now
+
+
+def guard_flags(values: dict[str, torch.Tensor], stop: StopRequest) -> tuple[bool, bool]:
+    """(any value non-finite on any rank, a stop asked for on any rank): built on the device and
+    read back once, one host sync per step."""
+    finite = torch.stack([torch.isfinite(v).all() for v in values.values()]).all()
+    asked = torch.full((), float(stop.requested), device=finite.device)
+    bad, stop_now = all_reduce_max(torch.stack([(~finite).float(), asked])).tolist()
+    return bad > 0, stop_now > 0
 
 
 def run_steps(
-    stage: Stage,
-    wrapped: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
-    ema: EMA,
-    pos: Position,
-    plan: BatchPlan,
-    cfg: Config,
-    env: DistEnv,
-    run_dir: Path,
-    logger: TrainLogger,
-    stop: StopRequest,
+    state: TrainState, cfg: Config, env: DistEnv, run_dir: Path, logger: TrainLogger, stop: StopRequest
 ) -> None:
-    t = cfg.train
-    loader, sampler = make_loader(stage, plan, cfg, env)
-    batches = micro_batches(loader, sampler, pos, plan)
+    t, pos = cfg.train, state.pos
+    loader, sampler = make_loader(state.stage, state.plan, cfg, env)
+    batches = micro_batches(loader, sampler, pos, state.plan)
     meter = Meter()
-    for model in wrapped.values():
+    for model in state.wrapped.values():
         model.train()
     while pos.step < t.max_steps:
         step = pos.step + 1
-        lr_factor = set_lr(optimizers, stage, step, t.warmup_steps)
-        logs, stop_now = train_step(stage, wrapped, optimizers, batches, step, plan, cfg, env, stop)
-        ema.update(stage.models[stage.main])
+        # One optimizer step, then the EMA.
+        lr_factor = set_lr(state, step, t.warmup_steps)
+        logs, stop_now = train_step(state, batches, step, cfg, env, stop)
+        state.ema.update(state.stage.models[state.stage.main])
         pos.step = step
-        meter.add(logs, plan.global_batch)
+        meter.add(logs, state.plan.global_batch)
         last = step == t.max_steps
+        # Log: scalars (a collective), then images (rank 0).
         if step % t.log_every == 0 or last:
             report = meter.report(env)
-            report["train/lr"] = stage.lr(stage.main) * lr_factor
+            report["train/lr"] = state.stage.lr(state.stage.main) * lr_factor
             report["train/epoch"] = pos.epoch + pos.samples_in_epoch / sampler.samples_per_epoch()
             if env.device.type == "cuda":
                 report["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             logger.scalars(step, report)
             logger.console(step, report)
         if step % t.image_every == 0 or last:
-            stage.log_images(ema.model, logger, step)
+            state.stage.log_images(state.ema.model, logger, step)
+        # Checkpoint, and stop where a signal asked to.
         if stop_now or step % t.ckpt_every == 0 or last:
             logger.flush()  # events up to a checkpoint survive a kill: a resume leaves no gap
-            save(run_dir, stage, optimizers, ema, pos, plan, cfg, env)
+            save(run_dir, state, cfg, env)
             if stop_now or last:
                 say(env, f"saved last.pt at step {step}")
         if stop_now:
@@ -377,55 +343,16 @@ class Meter:
         return out
 
 
-def save(
-    run_dir: Path,
-    stage: Stage,
-    optimizers: dict[str, torch.optim.Optimizer],
-    ema: EMA,
-    pos: Position,
-    plan: BatchPlan,
-    cfg: Config,
-    env: DistEnv,
-) -> None:
-    """Rank 0 writes last.pt (and a snapshot when due); every rank waits for it.
-
-    No RNG state is stored: every random number of a step comes from a generator seeded by
-    (seed, step, stream) (context.py, order.py), initial weights from torch.manual_seed(seed),
-    and data workers draw nothing, so a resume needs none, whatever GPUs it runs on.
-    """
+def save(run_dir: Path, state: TrainState, cfg: Config, env: DistEnv) -> None:
+    """Rank 0 writes last.pt (and a snapshot when due); every rank waits for it."""
     if env.is_main:
-        state = {
-            "stage": stage.name,
-            "step": pos.step,
-            "epoch": pos.epoch,
-            "samples_in_epoch": pos.samples_in_epoch,
-            "batch_size": plan.global_batch,
-            "config": to_dict(cfg),
-            "models": {k: m.state_dict() for k, m in stage.models.items()},
-            "ema": ema.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "extra": stage.state(),
-            "version": __version__,
-            "world_size": env.world_size,
-        }
-        ckpt_dir = run_dir / "checkpoints"
-        checkpoint.atomic_save(state, ckpt_dir / checkpoint.LAST)
-        if pos.step % cfg.train.snapshot_every == 0 or pos.step == cfg.train.max_steps:
-            checkpoint.atomic_save(state, ckpt_dir / checkpoint.snapshot_name(pos.step))
+        content = state.state_dict(cfg, env)
+        ckpt_dir, step = run_dir / "checkpoints", state.pos.step
+        checkpoint.atomic_save(content, ckpt_dir / checkpoint.LAST)
+        if step % cfg.train.snapshot_every == 0 or step == cfg.train.max_steps:
+            checkpoint.atomic_save(content, ckpt_dir / checkpoint.snapshot_name(step))
             checkpoint.prune_snapshots(ckpt_dir, cfg.train.keep_snapshots)
     barrier()
-
-
-def restore(saved: dict[str, Any], stage: Stage, optimizers: dict[str, torch.optim.Optimizer], ema: EMA) -> Position:
-    """Load a CPU checkpoint into models and optimizers that live on the training device."""
-    if saved["stage"] != stage.name:
-        raise checkpoint.CheckpointError(f"the run directory holds a {saved['stage']} checkpoint, not {stage.name}")
-    for name, model in stage.models.items():
-        model.load_state_dict(saved["models"][name])
-        optimizers[name].load_state_dict(saved["optimizers"][name])
-    ema.load_state_dict(saved["ema"])
-    stage.load_state(saved["extra"])
-    return Position(step=saved["step"], epoch=saved["epoch"], samples_in_epoch=saved["samples_in_epoch"])
 
 
 def _flat_hparams(cfg: Config) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,42 +47,40 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def record(
-    run_dir: Path,
-    cfg: Config,
-    stage: str,
-    *,
-    world_size: int,
-    step: int,
-    threads: int,
-    changes: list[Change] = (),
-    replaced: list[Change] = (),
-) -> None:
-    """Write the resolved config and append this start to run.json.
+@dataclass(frozen=True)
+class Start:
+    """One start of a run, as run.json records it."""
 
-    `changes`: the keys a resume changed (they take effect at step + 1); `replaced`: how this
-    fresh start's config differs from the one a run directory without checkpoints held.
-    """
+    stage: str
+    world_size: int
+    step: int  # the step it resumed from (0: a fresh start)
+    threads: int  # torch's CPU threads
+    changes: list[Change] = field(default_factory=list)  # a resume's config changes, from step + 1
+    replaced: list[Change] = field(default_factory=list)  # a fresh start's config against the old one
+
+
+def record(run_dir: Path, cfg: Config, start: Start) -> None:
+    """Write the resolved config and append this start to run.json."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
     run_json = run_dir / "run.json"
     info = json.loads(run_json.read_text()) if run_json.exists() else {"starts": []}
-    info["stage"] = stage
-    start = {
+    info["stage"] = start.stage
+    entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "version": __version__,
         "git_revision": git_revision(),
-        "world_size": world_size,
-        "torch_threads": threads,
+        "world_size": start.world_size,
+        "torch_threads": start.threads,
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "from_step": step,
+        "from_step": start.step,
         "command": sys.argv,
     }
-    for name, items in (("config_changes", changes), ("config_replaced", replaced)):
+    for name, items in (("config_changes", start.changes), ("config_replaced", start.replaced)):
         if items:
-            start[name] = [{"key": c.key, "old": _plain(c.old), "new": _plain(c.new)} for c in items]
-    info["starts"].append(start)
+            entry[name] = [{"key": c.key, "old": _plain(c.old), "new": _plain(c.new)} for c in items]
+    info["starts"].append(entry)
     write_text(run_json, json.dumps(info, indent=2) + "\n")
 
 
