@@ -34,15 +34,15 @@ from common import (
 
 from oasis_ldm.checkpoint import CheckpointError
 from oasis_ldm.sampling.pipeline import read_checkpoint
-from oasis_ldm.sampling.shards import RequestMismatch, report_bad, request_for, write_request
-from oasis_ldm.sampling.worker import DefaultsHelpFormatter, add_request_args, check_request_args, request_kwargs
+from oasis_ldm.sampling.shards import RequestMismatch, SamplingParams, report_bad, request_for, write_request
+from oasis_ldm.sampling.worker import DefaultsHelpFormatter, add_request_args, check_request_args, params_of
 
 
 class SampleJob:
     """One task of a sampling job: a task of a multi-task job, or (with `task`) an array task."""
 
-    def __init__(self, ckpt: str, out: str, kwargs: dict, array_size: int | None = None) -> None:
-        self.ckpt, self.out, self.kwargs, self.array_size = ckpt, out, kwargs, array_size
+    def __init__(self, ckpt: str, out: str, params: SamplingParams, device: str, array_size: int | None = None):
+        self.ckpt, self.out, self.params, self.device, self.array_size = ckpt, out, params, device, array_size
 
     def __call__(self, task: int | None = None) -> dict:
         import os
@@ -59,7 +59,8 @@ class SampleJob:
             worker, workers = env.global_rank, env.num_tasks
         else:
             worker, workers = task, self.array_size
-        made = sample_worker(self.ckpt, Path(self.out), **self.kwargs, worker=worker, workers=workers)
+        out = Path(self.out)
+        made = sample_worker(self.ckpt, out, self.params, worker=worker, workers=workers, device=self.device)
         node, threads = os.environ.get("SLURMD_NODENAME", socket.gethostname()), torch.get_num_threads()
         return {"worker": worker, "workers": workers, "node": node, "shards_made": made, "threads": threads}
 
@@ -97,16 +98,16 @@ def checkpoint_meta(ckpt: str) -> dict:
         fail(f"--ckpt {e}")
 
 
-def submit_workers(args: argparse.Namespace, out: Path, cluster: str, kwargs: dict) -> list[submitit.Job]:
-    ckpt = str(Path(args.ckpt).resolve())
+def submit_workers(args: argparse.Namespace, out: Path, cluster: str) -> list[submitit.Job]:
+    ckpt, params = str(Path(args.ckpt).resolve()), params_of(args)
     if args.array:
         one_task = copy.copy(args)
         one_task.nodes, one_task.tasks_per_node = 1, 1
         ex = make_executor(one_task, out / "submitit" / "%j", args.job_name or "oasis-sample", cluster)
-        job = SampleJob(ckpt, str(out), kwargs, array_size=args.array)
+        job = SampleJob(ckpt, str(out), params, args.device, array_size=args.array)
         return ex.map_array(job, list(range(args.array)))
     ex = make_executor(args, out / "submitit" / "%j", args.job_name or "oasis-sample", cluster)
-    return [ex.submit(SampleJob(ckpt, str(out), kwargs))]
+    return [ex.submit(SampleJob(ckpt, str(out), params, args.device))]
 
 
 def submit_merge(args: argparse.Namespace, out: Path, cluster: str, after: list[submitit.Job]) -> submitit.Job:
@@ -122,11 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cluster = resolve_cluster(args)
     out = args.out.resolve()
-    kwargs = request_kwargs(args)
     if args.dry_run:
         print(sbatch_script(args, out / "submitit" / "%j", args.job_name or "oasis-sample", array=args.array))
         return 0
-    req = request_for(checkpoint_meta(args.ckpt), **{k: v for k, v in kwargs.items() if k != "device"})
+    req = request_for(checkpoint_meta(args.ckpt), params_of(args))
     try:
         write_request(out, req)
     except RequestMismatch as e:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         print(f"wrote {merge_job(str(out))}")
         return 0
-    jobs = submit_workers(args, out, cluster, kwargs)
+    jobs = submit_workers(args, out, cluster)
     describe(jobs, "sampling")
     if cluster == "slurm":
         merge = submit_merge(args, out, cluster, jobs)

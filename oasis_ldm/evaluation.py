@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ def evaluate_sample_segmentation(
     images, masks = check_segmentation_inputs(samples_path, data, split)
     settings = dataclasses.replace(SegmenterTraining(), steps=steps)
     try:
-        return evaluate_segmentation(data, images, masks, split=split, settings=settings, seed=seed, device=device)
+        return evaluate_segmentation(data, (images, masks), split=split, settings=settings, seed=seed, device=device)
     except (KeyError, ValueError) as e:
         raise EvaluationError(str(e)) from None
 
@@ -204,6 +205,15 @@ def check_sizes(samples: torch.Tensor, attrs: dict[str, Any], data: Path, real: 
         )
 
 
+@dataclass(frozen=True)
+class SampleChecks:
+    """How the samples report searches and draws (tools/evaluate.py's flags)."""
+
+    max_pairs: int = 2000  # random pairs for the MS-SSIM diversity figures
+    top_k: int = 16  # nearest-slice candidates kept by the fast prefilter
+    seed: int = 0  # of the real subset, the pairs and the KID subsets
+
+
 @torch.no_grad()
 @ieee_float32()
 def evaluate_samples(
@@ -211,13 +221,12 @@ def evaluate_samples(
     data: str | Path,
     split: str,
     *,
+    checks: SampleChecks = SampleChecks(),
     inception_weights: str | Path | None = None,
-    max_pairs: int = 2000,
-    top_k: int = 16,
-    seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Nearest-slice SSIM (memorisation/realism), diversity against real slices, FID/KID."""
+    max_pairs, top_k, seed = checks.max_pairs, checks.top_k, checks.seed
     inception = load_inception(inception_weights, device) if inception_weights is not None else None  # fail early
     samples, attrs = read_samples(samples_path)
     real = load_split(data, split, int(attrs["image_size"]) if "image_size" in attrs else None)

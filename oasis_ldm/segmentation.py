@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from oasis_ldm.models.segmenter import Segmenter
 from oasis_ldm.rng import EvalStream, derive_seed, generator
 
 VARIANTS = ("real", "real_full", "synthetic", "mixed")
+TEST_SPLIT = "test"  # every segmenter is tested on the real test split
 FOREGROUND = CLASS_NAMES[1:]  # the Dice classes: background is most of a slice and trivially right
 PREDICT_BATCH = 32  # slices per forward pass when predicting (bounds the one-hot Dice states too)
 
@@ -279,32 +280,34 @@ def mean_dice(per_class: dict[str, float]) -> float:
 # --- the report ---------------------------------------------------------------------------------
 
 
-def training_sets(
-    train: tuple[Tensor, Tensor], synthetic: tuple[Tensor, Tensor], train_case_ids: np.ndarray | None
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """The (images, masks) each variant trains on; "real" holds as many real slices as there
-    are synthetic pairs, spread over the training cases and levels (`spread_rows`)."""
-    cases = np.arange(len(train[0])) if train_case_ids is None else np.asarray(train_case_ids)
-    if len(cases) != len(train[0]):
-        raise ValueError(f"train_case_ids: {len(cases)} ids for {len(train[0])} training slices")
-    subset = torch.from_numpy(spread_rows(cases, len(synthetic[0])))
+class Pairs(NamedTuple):
+    """uint8 slices and their masks, (N, 1, H, W) each, and (real training pairs) their case ids."""
+
+    images: Tensor
+    masks: Tensor
+    case_ids: np.ndarray | None = None
+
+
+def training_sets(train: Pairs, synthetic: Pairs) -> dict[str, Pairs]:
+    """The pairs each variant trains on; "real" holds as many real slices as there are
+    synthetic pairs, spread over the training cases and levels (`spread_rows`)."""
+    cases = np.arange(len(train.images)) if train.case_ids is None else np.asarray(train.case_ids)
+    if len(cases) != len(train.images):
+        raise ValueError(f"case ids: {len(cases)} ids for {len(train.images)} training slices")
+    subset = torch.from_numpy(spread_rows(cases, len(synthetic.images)))
     return {
-        "real": (train[0][subset], train[1][subset]),
+        "real": Pairs(train.images[subset], train.masks[subset]),
         "real_full": train,
         "synthetic": synthetic,
-        "mixed": (torch.cat([train[0], synthetic[0]]), torch.cat([train[1], synthetic[1]])),
+        "mixed": Pairs(torch.cat([train.images, synthetic.images]), torch.cat([train.masks, synthetic.masks])),
     }
 
 
 def segmentation_report(
-    train_images: Tensor,
-    train_masks: Tensor,
-    test_images: Tensor,
-    test_masks: Tensor,
-    synth_images: Tensor,
-    synth_masks: Tensor,
+    train: Pairs | tuple,
+    test: Pairs | tuple,
+    synthetic: Pairs | tuple,
     *,
-    train_case_ids: np.ndarray | None = None,
     settings: SegmenterTraining = SegmenterTraining(),
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -312,9 +315,9 @@ def segmentation_report(
 ) -> dict[str, Any]:
     """Train on synthetic, test on real: the figures of four segmenters (see the module doc).
 
-    All inputs are uint8 (N, 1, H, W) of one H x W; masks hold 0/85/170/255.
-    ``train_case_ids`` (the real training rows' cases) lets the equal-count real subset
-    spread over cases; without it, rows are spread as if each were its own case. Every
+    All images and masks are uint8 (N, 1, H, W) of one H x W; masks hold 0/85/170/255.
+    ``train.case_ids`` (the real training rows' cases) lets the equal-count real subset
+    spread over cases; without them, rows are spread as if each were its own case. Every
     variant trains for ``settings.steps`` steps of ``settings.batch_size`` slices from the
     same initial weights (``seed``): an equal budget, whatever the size of its set.
 
@@ -325,38 +328,30 @@ def segmentation_report(
     ``image_size``, ``seed``, ``device``, ``training`` (the settings) and
     ``seconds_per_segmenter``.
     """
-    sets = {
-        "train": (train_images, train_masks),
-        "test": (test_images, test_masks),
-        "synthetic": (synth_images, synth_masks),
-    }
-    labels = {name: checked_labels(name, images, masks) for name, (images, masks) in sets.items()}
-    sizes = {tuple(images.shape[-2:]) for images, _ in sets.values()}
+    sets = {"train": Pairs(*train), "test": Pairs(*test), "synthetic": Pairs(*synthetic)}
+    labels = {name: checked_labels(name, pairs.images, pairs.masks) for name, pairs in sets.items()}
+    sizes = {tuple(pairs.images.shape[-2:]) for pairs in sets.values()}
     if len(sizes) != 1:
         raise ValueError(f"segmentation_report: train, test and synthetic slices differ in size: {sorted(sizes)}")
-    training = training_sets(sets["train"], sets["synthetic"], train_case_ids)
-    per_class: dict[str, dict[str, float]] = {}
+    training = training_sets(sets["train"], sets["synthetic"])
     start = time.perf_counter()
+    per_class, judge = {}, None
     for variant in tqdm(VARIANTS, desc="segmentation report", unit="segmenter", disable=not progress):
+        pairs = training[variant]
         model = train_segmenter(
-            *training[variant], settings=settings, seed=seed, device=device, desc=variant, progress=progress
+            pairs.images, pairs.masks, settings=settings, seed=seed, device=device, desc=variant, progress=progress
         )
-        per_class[variant] = split_dice(predict(model, test_images), labels["test"])
-        if variant == "real_full":
-            judge = model  # the best-informed real segmenter judges whether each pair agrees
+        per_class[variant] = split_dice(predict(model, sets["test"].images), labels["test"])
+        judge = model if variant == "real_full" else judge  # the best-informed real segmenter judges the pairs
     seconds = (time.perf_counter() - start) / len(VARIANTS)
     dice = {variant: mean_dice(per_class[variant]) for variant in VARIANTS}
     return {
         **{f"seg_dice_{variant}": dice[variant] for variant in VARIANTS},
         "seg_dice_per_class": per_class,
         "tstr_ratio": dice["synthetic"] / dice["real"] if dice["real"] > 0 else float("nan"),
-        "mask_agreement": pairwise_dice(predict(judge, synth_images), labels["synthetic"]),
-        "mask_agreement_real": pairwise_dice(predict(judge, test_images), labels["test"]),
-        "n_train_real": len(train_images),
-        "n_real_subset": len(training["real"][0]),
-        "n_synthetic": len(synth_images),
-        "n_test": len(test_images),
-        "image_size": int(train_images.shape[-1]),
+        "mask_agreement": pairwise_dice(predict(judge, sets["synthetic"].images), labels["synthetic"]),
+        "mask_agreement_real": pairwise_dice(predict(judge, sets["test"].images), labels["test"]),
+        **counts(sets, training),
         "seed": seed,
         "device": str(device),
         "training": {**asdict(settings), "widths": list(settings.widths)},
@@ -364,25 +359,30 @@ def segmentation_report(
     }
 
 
+def counts(sets: dict[str, Pairs], training: dict[str, Pairs]) -> dict[str, int]:
+    return {
+        "n_train_real": len(sets["train"].images),
+        "n_real_subset": len(training["real"].images),
+        "n_synthetic": len(sets["synthetic"].images),
+        "n_test": len(sets["test"].images),
+        "image_size": int(sets["train"].images.shape[-1]),
+    }
+
+
 def evaluate_segmentation(
     data: str | Path,
-    synth_images: Tensor,
-    synth_masks: Tensor,
+    synthetic: Pairs | tuple,
     *,
     split: str = "train",
-    test_split: str = "test",
     settings: SegmenterTraining = SegmenterTraining(),
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """`segmentation_report` of generated pairs against a packed file: real training pairs
-    from ``split``, real test pairs from ``test_split``, both resized to the pairs' size."""
-    size = int(synth_images.shape[-1])
-    train_images, train_masks, train_cases = real_pairs(data, split, size)
-    test_images, test_masks, _ = real_pairs(data, test_split, size)
-    report = segmentation_report(
-        train_images, train_masks, test_images, test_masks, synth_images, synth_masks,
-        train_case_ids=train_cases, settings=settings, seed=seed, device=device, progress=progress,
-    )  # fmt: skip
-    return {"split": split, "test_split": test_split, **report}
+    """`segmentation_report` of generated pairs against a packed file: real training pairs from
+    ``split``, real test pairs from the test split, both resized to the pairs' size."""
+    synthetic = Pairs(*synthetic)
+    size = int(synthetic.images.shape[-1])
+    train, test = Pairs(*real_pairs(data, split, size)), Pairs(*real_pairs(data, TEST_SPLIT, size))
+    report = segmentation_report(train, test, synthetic, settings=settings, seed=seed, device=device, progress=progress)
+    return {"split": split, "test_split": TEST_SPLIT, **report}

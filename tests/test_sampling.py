@@ -23,6 +23,7 @@ from oasis_ldm.data.schema import MASK_VALUES
 from oasis_ldm.sampling import image_seed, load_pipeline
 from oasis_ldm.sampling.shards import (
     MASK_COLOURS,
+    SamplingParams,
     ShardError,
     generate_shards,
     merge,
@@ -160,7 +161,7 @@ def test_write_request_leaves_another_process_temp_file_alone(tmp_path, tiny_ldm
     _, meta = load_pipeline(tiny_ldm)
     theirs = tmp_path / "request.json.tmp"  # the name every task used to share
     theirs.write_text("half of another task's request")
-    write_request(tmp_path, request_for(meta, num_samples=4))
+    write_request(tmp_path, request_for(meta, SamplingParams(num_samples=4)))
     assert theirs.read_text() == "half of another task's request"
     assert json.loads((tmp_path / "request.json").read_text())["num_samples"] == 4
 
@@ -303,7 +304,7 @@ def test_damaged_masks_and_masks_of_an_image_only_model_are_bad_shards(tmp_path,
 
 def test_a_model_whose_autoencoder_disagrees_with_its_config_is_refused(tmp_path, tiny_ldm):
     pipe, meta = load_pipeline(tiny_ldm)
-    req = dataclasses.replace(request_for(meta, num_samples=2), paired=True)
+    req = dataclasses.replace(request_for(meta, SamplingParams(num_samples=2)), paired=True)
     with pytest.raises(
         ShardError, match=r"last\.pt: its autoencoder does not decode masks, but its data\.masks is True$"
     ):
@@ -387,9 +388,9 @@ def test_sampling_uses_the_cpus_slurm_gave_it(tmp_path, tiny_ldm):
 
 def test_the_submitit_job_uses_the_cpus_slurm_gave_it(tmp_path, tiny_ldm):
     code = (
-        "import sys; sys.path.insert(0, 'launch'); from sample import SampleJob; "
+        "import sys; sys.path.insert(0, 'launch'); from sample import SampleJob, SamplingParams; "
         f"print(SampleJob({str(tiny_ldm)!r}, {str(tmp_path)!r}, "
-        "dict(num_samples=2, steps=2, device='cpu'), array_size=1)(0))"
+        "SamplingParams(num_samples=2, steps=2), 'cpu', array_size=1)(0))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=one_cpu_env(), cwd=REPO, timeout=120

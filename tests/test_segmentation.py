@@ -126,7 +126,7 @@ def test_spread_rows_spreads_over_cases_and_levels() -> None:
 
 def test_report_scores_correct_pairs_high_and_broken_pairs_low() -> None:
     train, test, synth = pairs(48, seed=0), pairs(16, seed=1), pairs(16, seed=2)
-    good = segmentation_report(*train, *test, *synth, settings=FAST, progress=False)
+    good = segmentation_report(train, test, synth, settings=FAST, progress=False)
     keys = {"seg_dice_real", "seg_dice_real_full", "seg_dice_synthetic", "seg_dice_mixed", "seg_dice_per_class",
             "tstr_ratio", "mask_agreement", "mask_agreement_real", "n_train_real", "n_real_subset", "n_synthetic",
             "n_test", "image_size", "seed", "device", "training", "seconds_per_segmenter"}  # fmt: skip
@@ -143,7 +143,7 @@ def test_report_scores_correct_pairs_high_and_broken_pairs_low() -> None:
     shuffled = synth[0], synth[1][torch.roll(torch.arange(16), 1)]  # every slice with another slice's mask
     inverted = synth[0], 255 - synth[1]  # the bands reversed: background where the blob is brightest
     for broken in (shuffled, inverted):
-        bad = segmentation_report(*train, *test, *broken, settings=FAST, progress=False)
+        bad = segmentation_report(train, test, broken, settings=FAST, progress=False)
         assert bad["seg_dice_real_full"] == pytest.approx(good["seg_dice_real_full"])  # same judge
         assert bad["seg_dice_synthetic"] < good["seg_dice_synthetic"] - 0.3
         assert bad["tstr_ratio"] < good["tstr_ratio"] - 0.3
@@ -154,11 +154,11 @@ def test_report_refuses_mismatched_inputs() -> None:
     train, test = pairs(8, seed=0), pairs(4, seed=1)
     small = tuple(x[..., :8, :8] for x in pairs(4, seed=2))
     with pytest.raises(ValueError, match="differ in size"):
-        segmentation_report(*train, *test, *small, settings=FAST, progress=False)
+        segmentation_report(train, test, small, settings=FAST, progress=False)
     with pytest.raises(ValueError, match="uint8"):
-        segmentation_report(*train, *test, train[0].float(), train[1], settings=FAST, progress=False)
+        segmentation_report(train, test, (train[0].float(), train[1]), settings=FAST, progress=False)
     with pytest.raises(ValueError, match="mask values"):
-        segmentation_report(*train, *test, train[0], train[1] + 1, settings=FAST, progress=False)
+        segmentation_report(train, test, (train[0], train[1] + 1), settings=FAST, progress=False)
 
 
 def test_evaluate_segmentation_reads_a_packed_file(tiny_paired_h5) -> None:
@@ -166,7 +166,7 @@ def test_evaluate_segmentation_reads_a_packed_file(tiny_paired_h5) -> None:
     from oasis_ldm.segmentation import evaluate_segmentation, real_pairs
 
     images, masks, _ = real_pairs(tiny_paired_h5, "validate", 16)  # resized to the "samples'" size
-    report = evaluate_segmentation(tiny_paired_h5, images, masks, settings=FAST, progress=False)
+    report = evaluate_segmentation(tiny_paired_h5, (images, masks), settings=FAST, progress=False)
     assert (report["split"], report["test_split"], report["image_size"]) == ("train", "test", 16)
     assert (report["n_train_real"], report["n_real_subset"], report["n_synthetic"], report["n_test"]) == (16, 8, 8, 4)
     assert 0 <= report["mask_agreement"] <= 1 and report["tstr_ratio"] > 0

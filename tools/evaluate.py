@@ -25,6 +25,7 @@ from oasis_ldm.data.oasis import SPLITS
 from oasis_ldm.distributed import pick_device
 from oasis_ldm.evaluation import (
     EvaluationError,
+    SampleChecks,
     check_segmentation_inputs,
     evaluate_reconstruction,
     evaluate_sample_segmentation,
@@ -159,10 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.samples,
                 args.data,
                 args.split,
+                checks=SampleChecks(max_pairs=args.max_pairs, top_k=args.top_k, seed=args.seed),
                 inception_weights=args.inception_weights,
-                max_pairs=args.max_pairs,
-                top_k=args.top_k,
-                seed=args.seed,
                 device=device,
             )
             kind = "samples"

@@ -36,6 +36,8 @@ from tqdm import tqdm
 from oasis_ldm.metrics.image import as_unit, ieee_float32, ms_ssim, ssim
 
 MEMORISATION_THRESHOLD = 0.6
+PREFILTER_SIZE = 32  # px of the area-downsampled copies the prefilter compares
+PAIR_BATCH = 256  # SSIM pairs evaluated at once: the search's working memory
 TrainSource = Any  # Tensor | np.ndarray | h5py.Dataset | Callable[[], Iterable[Tensor | np.ndarray]]
 
 
@@ -155,9 +157,7 @@ def nearest_training_ssim(
     train: TrainSource,
     *,
     top_k: int | None = 16,
-    prefilter_size: int = 32,
     batch_size: int = 256,
-    pair_batch: int = 256,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> NeighbourResult:
@@ -167,16 +167,16 @@ def nearest_training_ssim(
     ``train``: a tensor, numpy array or h5py dataset (read ``batch_size`` slices at a time),
     or a zero-argument callable returning an iterable of batches (it is called once per
     pass, twice with the prefilter, and must yield the same order each time).
-    ``top_k=None`` disables the prefilter (exhaustive). ``pair_batch`` bounds how many
-    SSIM pairs are evaluated at once (the working memory).
+    ``top_k=None`` disables the prefilter (exhaustive). `PAIR_BATCH` bounds how many SSIM
+    pairs are evaluated at once (the working memory), `PREFILTER_SIZE` the prefilter's side.
     """
     device = torch.device(device) if device is not None else samples.device
     batches = _batch_factory(train, batch_size)
     if top_k is None:
-        best, index = _exhaustive_ssim(samples, batches(), pair_batch, device, progress)
+        best, index = _exhaustive_ssim(samples, batches(), PAIR_BATCH, device, progress)
     else:
-        cand = _prefilter(samples, batches(), top_k, prefilter_size, device, progress)
-        values = _candidate_ssim(samples, batches(), cand, pair_batch, device, progress)
+        cand = _prefilter(samples, batches(), top_k, PREFILTER_SIZE, device, progress)
+        values = _candidate_ssim(samples, batches(), cand, PAIR_BATCH, device, progress)
         best, pos = values.max(1)
         index = cand.gather(1, pos[:, None]).squeeze(1)
     return NeighbourResult(ssim=best.cpu(), index=index.cpu())

@@ -18,7 +18,7 @@ from oasis_ldm.sampling.worker import (
     WorkerError,
     add_request_args,
     check_request_args,
-    request_kwargs,
+    params_of,
     sample_worker,
     worker_from_env,
 )
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = worker if args.worker is None else args.worker
         workers = workers if args.workers is None else args.workers
         if not args.merge_only:
-            sample_worker(args.ckpt, args.out, **request_kwargs(args), worker=worker, workers=workers)
+            sample_worker(args.ckpt, args.out, params_of(args), worker=worker, workers=workers, device=args.device)
         if args.merge_only or workers == 1:
             print(f"wrote {merge(args.out)}")
     except (CheckpointError, RequestMismatch, ShardError, WorkerError, FileNotFoundError) as e:

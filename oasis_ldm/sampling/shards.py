@@ -40,7 +40,23 @@ from oasis_ldm.sampling.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
+class SamplingParams:
+    """What a user asks of a sampling run (its flags); with the checkpoint's facts, a `Request`."""
+
+    num_samples: int
+    seed: int = 0
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    batch_size: int = 32
+    shard_size: int = 256
+    precision: str | None = None  # None: the checkpoint's train.precision
+
+
+@dataclass(frozen=True)
 class Request:
+    """A sampling run as request.json records it: the checkpoint, and what was asked of it."""
+
     checkpoint: str
     checkpoint_sha256: str
     checkpoint_step: int
@@ -64,13 +80,13 @@ class Request:
         return range(start, min(start + self.shard_size, self.num_samples))
 
 
-def request_for(meta: dict, *, precision: str | None = None, **params: object) -> Request:
-    """A request for the checkpoint described by `meta` (see sampling.pipeline.read_checkpoint).
+def request_for(meta: dict, params: SamplingParams) -> Request:
+    """A request of `params` for the checkpoint described by `meta` (see read_checkpoint).
 
-    `precision` None means the checkpoint's `train.precision`: a model trained under bf16
+    A `precision` of None means the checkpoint's `train.precision`: a model trained under bf16
     autocast samples the same way unless told otherwise.
     """
-    precision = precision or meta["config"].train.precision
+    precision = params.precision or meta["config"].train.precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     return Request(
@@ -78,9 +94,8 @@ def request_for(meta: dict, *, precision: str | None = None, **params: object) -
         checkpoint_sha256=meta["sha256"],
         checkpoint_step=meta["step"],
         image_size=meta["config"].data.image_size,
-        precision=precision,
+        **{**asdict(params), "precision": precision},
         paired=meta["config"].data.masks,  # the trainer refuses an ldm whose autoencoder disagrees
-        **params,
     )
 
 

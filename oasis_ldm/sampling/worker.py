@@ -7,6 +7,7 @@ launcher launch/sample.py, so both make exactly the same shards from the same fl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from oasis_ldm.diffusion import PRECISIONS
 from oasis_ldm.distributed import pick_device
 from oasis_ldm.sampling.pipeline import load_pipeline
-from oasis_ldm.sampling.shards import generate_shards, request_for, write_request
+from oasis_ldm.sampling.shards import SamplingParams, generate_shards, request_for, write_request
 
 
 class WorkerError(ValueError):
@@ -66,38 +67,12 @@ def worker_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]
 
 
 def sample_worker(
-    ckpt: str | Path,
-    out: Path,
-    *,
-    num_samples: int,
-    seed: int = 0,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    batch_size: int = 32,
-    shard_size: int = 256,
-    precision: str | None = None,
-    worker: int = 0,
-    workers: int = 1,
-    device: str = "auto",
+    ckpt: str | Path, out: Path, params: SamplingParams, *, worker: int = 0, workers: int = 1, device: str = "auto"
 ) -> int:
-    """Make worker `worker`'s missing or bad shards of the request; returns how many it made.
-
-    `precision` None samples in the checkpoint's `train.precision`.
-    """
+    """Make worker `worker`'s missing or bad shards of the request; returns how many it made."""
     local_rank = int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
     pipe, meta = load_pipeline(ckpt, pick_device(device, local_rank))
-    req = request_for(
-        meta,
-        num_samples=num_samples,
-        seed=seed,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        precision=precision,
-    )
+    req = request_for(meta, params)
     write_request(out, req)
     return generate_shards(pipe, req, out, worker, workers, progress=True)
 
@@ -142,7 +117,6 @@ def check_request_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> 
         p.error("--eta must be >= 0")
 
 
-def request_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of `sample_worker` that `add_request_args` defines (but ckpt/out)."""
-    keys = ("num_samples", "seed", "sampler", "steps", "eta", "batch_size", "shard_size", "precision", "device")
-    return {k: getattr(args, k) for k in keys}
+def params_of(args: argparse.Namespace) -> SamplingParams:
+    """The sampling parameters that `add_request_args` defines."""
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)})
