@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oasis_ldm.config import VAEConfig
-from oasis_ldm.models.vae import norm_groups
+from oasis_ldm.models.norm import group_norm
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(norm_groups(channels), channels)
+    return group_norm(channels, max_groups=32)
 
 
 class NLayerDiscriminator(nn.Module):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from oasis_ldm.data.masks import NUM_CLASSES
-from oasis_ldm.models.vae import norm_groups
+from oasis_ldm.models.norm import group_norm
 
 NORM_GROUPS = 8  # at most 8 groups: 1 channel a group at width 8, 8 channels at width 64
 
@@ -30,7 +30,7 @@ class ConvBlock(nn.Sequential):
         for c_in in (in_channels, out_channels):
             layers += [
                 nn.Conv2d(c_in, out_channels, 3, padding=1, bias=False),
-                nn.GroupNorm(norm_groups(out_channels, NORM_GROUPS), out_channels),
+                group_norm(out_channels, NORM_GROUPS),
                 nn.SiLU(),
             ]
         super().__init__(*layers)

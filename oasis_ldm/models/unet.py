@@ -9,18 +9,12 @@ depends on the rest of its batch, which the seeded, sharded sampler relies on.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oasis_ldm.config import UNetConfig
-
-
-def group_norm(groups: int, channels: int) -> nn.GroupNorm:
-    """GroupNorm with `groups` groups, or gcd(groups, channels) when `groups` does not divide."""
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
+from oasis_ldm.models.norm import group_norm
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
@@ -53,10 +47,10 @@ class ConvReluBlock(nn.Module):
         self.residual = residual
         self.block = nn.Sequential(
             nn.Conv2d(in_channels, mid, 3, padding=1, bias=False),
-            group_norm(groups, mid),
+            group_norm(mid, groups),
             nn.GELU(),
             nn.Conv2d(mid, out_channels, 3, padding=1, bias=False),
-            group_norm(groups, out_channels),
+            group_norm(out_channels, groups),
         )
 
     def forward(self, x: Tensor) -> Tensor:

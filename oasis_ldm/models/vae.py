@@ -12,15 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oasis_ldm.config import VAEConfig
+from oasis_ldm.models.norm import group_norm
 
 
-def norm_groups(channels: int, max_groups: int = 32) -> int:
-    """The largest group count <= `max_groups` that divides `channels` (32 for the usual widths)."""
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(norm_groups(channels), channels, eps=1e-6)
+def _norm(channels: int) -> nn.GroupNorm:
+    return group_norm(channels, max_groups=32, eps=1e-6)  # CompVis's autoencoder norm
 
 
 class ResnetBlock(nn.Module):
@@ -28,9 +24,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = _norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = _norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -46,7 +42,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = _norm(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -88,7 +84,7 @@ class Encoder(nn.Module):
             levels.append(nn.Sequential(*blocks))
         self.down = nn.Sequential(*levels)
         self.mid = mid_block(block_in, cfg.attention)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,7 +123,7 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(block_in))
             levels.append(nn.Sequential(*blocks))
         self.up = nn.Sequential(*levels)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
