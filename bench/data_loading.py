@@ -10,7 +10,7 @@ All numbers come from one run on one machine. Rows:
   (c) OasisH5Dataset in RAM, raw uint8 batches; (c0) the same with 0 workers, which is how the
       in-RAM mode is best used (indexing RAM is cheaper than shipping batches between processes);
   (z) the DataLoader's own ceiling: workers that return a ready batch (no work), same settings;
-  (d) augment_batch(mode="seed") on this CPU alone (on a GPU the trainer pays this on the device).
+  (d) augment_batch(mode="crop") on this CPU alone (on a GPU the trainer pays this on the device).
 Then pack_h5 on an OASIS-sized input (9,664/1,120/544 pairs hard-linked from the demo slices
 under new case numbers), run as a child process: seconds and peak RSS (RUSAGE_CHILDREN of a bare
 interpreter that runs it: the largest single process; and the sum over its processes).
@@ -102,12 +102,12 @@ def images_per_second(ds: Dataset, batch_size: int, workers: int, seconds: float
 
 
 def augment_rate(ds: OasisH5Dataset, batch_size: int, seconds: float) -> float:
-    """augment_batch(mode="seed") on uint8 batches already in memory, in this process."""
+    """augment_batch(mode="crop") on uint8 batches already in memory, in this process."""
     batch = ds.read_raw(np.arange(batch_size) % len(ds))
     g = torch.Generator().manual_seed(0)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        augment_batch(to_float(batch), "seed", g)
+        augment_batch(to_float(batch), "crop", g)
         count += batch_size
     return count / (time.perf_counter() - start)
 
@@ -273,7 +273,7 @@ def main() -> None:
             "ram_img_s": round(rates["c"], 1),
             "ram_0_workers_img_s": round(rates["c0"], 1),
             "loader_ceiling_img_s": round(rates["z"], 1),
-            "augment_seed_cpu_img_s": round(rates["d"], 1),
+            "augment_crop_cpu_img_s": round(rates["d"], 1),
             "pack_tree_rss_mib": round(tree_mib, 1),
             "pack_pairs": pairs,
         }
@@ -291,7 +291,7 @@ def report(args, n_train, size, rates, pairs, pack_s, pack_rss, tree_mib) -> Non
         ("(c) OasisH5Dataset in RAM, raw uint8 batches", rates["c"]),
         ("(c0) the same in RAM with 0 workers (no IPC)", rates["c0"]),
         ("(z) DataLoader ceiling: ready uint8 batches, no work", rates["z"]),
-        ("(d) augment_batch('seed') on this CPU, float", rates["d"]),
+        ("(d) augment_batch('crop') on this CPU, float", rates["d"]),
     ]
     print(f"{'pipeline':<50} {'images/s':>10} {'vs (a)':>8}")
     for name, rate in rows:

@@ -28,7 +28,7 @@ class DataConfig:
     split: str = "train"
     image_size: int = 256  # slices are resized to this on load when it differs
     in_memory: bool = True  # read the split into RAM once (OASIS train is ~630 MB)
-    augment: str = "flip"  # none | flip | seed (the seed report's resize + random crop)
+    augment: str = "flip"  # none | flip | crop (the seed report's resize + random crop; "seed" works too)
     num_workers: int = 2  # DataLoader workers for the on-disk mode
     # Paired mode: the autoencoder encodes each slice with its tissue mask and decodes both, so
     # the ldm's samples are image-mask pairs (oasis_ldm/data/masks.py). Needs packed masks.
@@ -133,6 +133,20 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or a value of the wrong type."""
 
 
+# Earlier names of values, still accepted and read as today's: files, --set and checkpoints.
+ALIASES: dict[tuple[str, str], dict[Any, Any]] = {("data", "augment"): {"seed": "crop"}}
+
+
+def canonical(values: dict[str, Any]) -> dict[str, Any]:
+    """A plain {section: {key: value}} mapping (a saved config) with earlier names replaced."""
+    return {
+        section: {k: ALIASES.get((section, k), {}).get(v, v) if isinstance(v, str) else v for k, v in body.items()}
+        if isinstance(body, dict)
+        else body
+        for section, body in values.items()
+    }
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -192,7 +206,8 @@ def apply_dict(cfg: Config, values: dict[str, Any], source: str) -> Config:
         for key, value in body.items():
             if key not in types_:
                 raise ConfigError(f"{source}: unknown key {name}.{key} (known: {', '.join(sorted(types_))})")
-            changes[key] = _coerce(value, types_[key], f"{source}: {name}.{key}")
+            value = _coerce(value, types_[key], f"{source}: {name}.{key}")
+            changes[key] = ALIASES.get((name, key), {}).get(value, value)
         out[name] = dataclasses.replace(section, **changes)
     return dataclasses.replace(cfg, **out)
 
@@ -282,7 +297,7 @@ def load_config(name_or_path: str = "oasis256", overrides: list[str] | None = No
 def validate(cfg: Config) -> None:
     """Cross-field checks that a typed field alone cannot express."""
     choices = {
-        "data.augment": (cfg.data.augment, ("none", "flip", "seed")),
+        "data.augment": (cfg.data.augment, ("none", "flip", "crop")),
         "diffusion.schedule": (cfg.diffusion.schedule, ("linear", "cosine")),
         "diffusion.target": (cfg.diffusion.target, ("eps", "v")),
         "diffusion.sampler": (cfg.diffusion.sampler, ("ddim", "ddpm")),
@@ -292,7 +307,7 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-    if cfg.ldm.latent_cache and cfg.data.augment == "seed":
+    if cfg.ldm.latent_cache and cfg.data.augment == "crop":
         raise ConfigError("ldm.latent_cache=true supports data.augment none or flip (crops need the pixels)")
     f = 2 ** (len(cfg.vae.channel_mult) - 1)
     latent = cfg.data.image_size // f

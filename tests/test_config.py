@@ -30,7 +30,7 @@ def test_overrides_are_coerced_to_the_field_types():
         ("nosection.lr=1", "unknown section 'nosection'"),
         ("train.max_steps=1.5", "train.max_steps: expected int"),
         ("data.in_memory=maybe", "expected true or false"),
-        ("data.augment=rotate", "data.augment='rotate': expected one of none, flip, seed"),
+        ("data.augment=rotate", "data.augment='rotate': expected one of none, flip, crop"),
         ("train.lr", "expected section.key=value"),
         ("data.image_size=100", "data.image_size=100"),
         ("unet.heads=3", "unet.heads=3 must divide"),
@@ -78,3 +78,11 @@ def test_checkpoints_of_earlier_releases_keep_loading():
     values["train"]["grad_accum"] = 1  # written by releases before the global batch
     values["ldm"]["scale_batches"] = 8
     assert from_dict(values) == load_config("demo")
+
+
+def test_the_crop_augmentation_is_called_crop_and_seed_still_works():
+    assert load_config("demo", ["data.augment=crop"]).data.augment == "crop"
+    assert load_config("demo", ["data.augment=seed"]).data.augment == "crop"  # its earlier name
+    values = to_dict(load_config("demo"))
+    values["data"]["augment"] = "seed"  # a checkpoint written before the rename
+    assert from_dict(values).data.augment == "crop"

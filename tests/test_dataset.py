@@ -112,7 +112,7 @@ def test_flip_moves_image_and_mask_together(packed):
 def test_augmented_items_stay_in_range(packed, augment):
     path, _ = packed
     ds = OasisH5Dataset(path, "train", with_mask=True, augment=augment, image_size=24)
-    image, mask = ds[5]  # per-sample torchvision path
+    image, mask = ds[5]  # one item: a batch of one
     assert image.shape == (1, 24, 24) and mask.shape == (1, 24, 24)
     assert image.min() >= -1 and image.max() <= 1
     assert set(torch.unique(mask).tolist()) <= MASK_VALUES

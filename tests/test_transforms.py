@@ -14,7 +14,6 @@ from oasis_ldm.data.transforms import (
     augment_batch,
     resize_batch,
     sample_params,
-    sample_transform,
     to_float,
     to_uint8,
 )
@@ -124,18 +123,6 @@ def test_generator_none_uses_the_global_generator():
     a = augment_batch(x, "seed")
     torch.manual_seed(11)
     assert torch.equal(augment_batch(x, "seed"), a)
-
-
-def test_per_sample_transforms():
-    x = _smooth(1, 32)[0]
-    torch.manual_seed(0)
-    flips = [torch.equal(sample_transform("flip", 32)(x), x.flip(-1)) for _ in range(40)]
-    assert 5 < sum(flips) < 35
-    y = sample_transform("seed", 32)(x)
-    assert y.shape == (1, 32, 32) and y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6
-    assert torch.equal(sample_transform("none", 32)(x), x)
-    with pytest.raises(ValueError, match="augment='rotate'"):
-        sample_transform("rotate", 32)
 
 
 def test_crop_params_match_torchvision_distribution():

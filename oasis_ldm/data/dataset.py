@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from oasis_ldm.data import schema
-from oasis_ldm.data.transforms import apply_params, check_mode, resize_batch, sample_params, sample_transform, to_float
+from oasis_ldm.data.transforms import apply_params, check_mode, resize_batch, sample_params, to_float
 
 Indices = int | slice | range | Sequence[int] | np.ndarray | torch.Tensor
 RESIZE_BLOCK = 256  # rows resized at a time when loading a split into memory
@@ -96,7 +96,6 @@ class OasisH5Dataset(Dataset):
             self.slice_idx = f[split][schema.SLICE_IDX][:]
         stored = self.info.splits[split]
         self.size = (image_size, image_size) if image_size else (stored.height, stored.width)
-        self._transform = sample_transform(augment, self.size[0]) if augment != "none" else None
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._memory: dict[str, torch.Tensor] = {}
@@ -168,22 +167,8 @@ class OasisH5Dataset(Dataset):
         return list(self._group()[schema.FILENAME].asstr()[:])
 
     def __getitem__(self, index: int):
-        idx = _as_indices(index, len(self))
-        image = self._rows(schema.IMAGES, idx)[0]
-        mask = self._rows(schema.MASKS, idx)[0] if self.with_mask else None
-        if not self.raw:
-            image = to_float(image)
-            if self._transform is not None:
-                image, mask = self._augment_one(image, mask)
-        return (image, mask) if self.with_mask else image
-
-    def _augment_one(self, image: torch.Tensor, mask: torch.Tensor | None):
-        from torchvision import tv_tensors
-
-        if mask is None:
-            return self._transform(image), None
-        image, mask = self._transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        """One item, made as a batch of one: the same reading, resizing and augmentation."""
+        return self.__getitems__([int(_as_indices(index, len(self))[0])])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         """A batch for the DataLoader: one ordered read, one resize, one augmentation."""

@@ -1,16 +1,13 @@
-"""Pixel scaling, resizing and augmentation of slices, per sample and per batch.
+"""Pixel scaling, resizing and augmentation of slices, a batch at a time.
 
-Two paths with the same modes:
-- per sample (`sample_transform`): torchvision.transforms.v2 on one (1, S, S) tensor, drawing
-  from torch's global generator (what a DataLoader worker seeds);
-- per batch (`augment_batch`): every sample gets its own random parameters, drawn from an
-  explicit `torch.Generator` on that generator's device (the trainer's: no host-to-device
-  copy per micro-batch), then applied to the whole batch in one op. A trainer that seeds
-  the generator from the step reproduces the exact augmentation after a resume, with any
-  number of data workers.
+Every sample of a batch gets its own random parameters, drawn from an explicit
+`torch.Generator` on that generator's device (the trainer's: no host-to-device copy per
+micro-batch), then applied to the whole batch in one op. A trainer that seeds the generator
+from the step reproduces the exact augmentation after a resume, with any number of workers.
 
-Modes: `none`; `flip` (horizontal flip, p=0.5); `seed` (the seed report's recipe: resize
-to 1.25x, then RandomResizedCrop back to the size with scale (0.8, 1.0), ratio (3/4, 4/3)).
+Modes: `none`; `flip` (horizontal flip, p=0.5); `crop` (the seed report's recipe: resize to
+1.25x, then torchvision's RandomResizedCrop back to the size with scale (0.8, 1.0), ratio
+(3/4, 4/3), as one resampling). `seed`, the earlier name of `crop`, is still accepted.
 Images are float in [-1, 1]; masks are uint8 and always resampled with nearest neighbour.
 """
 
@@ -23,14 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-AUGMENT_MODES: tuple[str, ...] = ("none", "flip", "seed")
-SEED_UPSCALE = 1.25
-SEED_SCALE = (0.8, 1.0)
-SEED_RATIO = (3 / 4, 4 / 3)
+AUGMENT_MODES: tuple[str, ...] = ("none", "flip", "crop")
+MODE_ALIASES = {"seed": "crop"}  # earlier names, still accepted (configs and checkpoints hold them)
+CROP_UPSCALE = 1.25
+CROP_SCALE = (0.8, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to a centre crop
 
 
 def check_mode(mode: str) -> str:
+    """The mode's name (an earlier alias mapped to it), or ValueError."""
+    mode = MODE_ALIASES.get(mode, mode)
     if mode not in AUGMENT_MODES:
         raise ValueError(f"augment={mode!r}: expected one of {', '.join(AUGMENT_MODES)}")
     return mode
@@ -68,15 +68,12 @@ def resize_batch(x: Tensor, size: int | tuple[int, int], *, nearest: bool = Fals
     return y.to(x.dtype)
 
 
-# ----------------------------------------------------------------------------- batch path
-
-
 @dataclass(frozen=True)
 class AugmentParams:
     """Per-sample parameters of one batch, on the device of the generator that drew them.
 
     `flip` (B,) bool. `boxes` (B, 4) float64 (top, left, height, width) of each crop in the
-    upscaled image of size `upscaled` (H', W'): what the seed recipe crops after its resize.
+    upscaled image of size `upscaled` (H', W'): what the crop recipe crops after its resize.
     """
 
     flip: Tensor | None = None
@@ -95,8 +92,8 @@ def _crop_boxes(batch: int, height: int, width: int, generator: torch.Generator 
     """torchvision RandomResizedCrop.get_params, vectorised over the batch: (B, 4) t, l, h, w."""
     area = height * width
     u = _rand((batch, CROP_TRIES, 4), generator)
-    target = area * (SEED_SCALE[0] + (SEED_SCALE[1] - SEED_SCALE[0]) * u[..., 0])
-    log_lo, log_hi = math.log(SEED_RATIO[0]), math.log(SEED_RATIO[1])
+    target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[..., 0])
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
     w = torch.sqrt(target * aspect).round()
     h = torch.sqrt(target / aspect).round()
@@ -112,10 +109,10 @@ def _crop_boxes(batch: int, height: int, width: int, generator: torch.Generator 
 def _centre_box(height: int, width: int) -> tuple[int, int, int, int]:
     """RandomResizedCrop's fallback after CROP_TRIES misses: the largest centred valid box."""
     ratio = width / height
-    if ratio < SEED_RATIO[0]:
-        w, h = width, round(width / SEED_RATIO[0])
-    elif ratio > SEED_RATIO[1]:
-        h, w = height, round(height * SEED_RATIO[1])
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        h, w = height, round(height * CROP_RATIO[1])
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
@@ -125,10 +122,11 @@ def sample_params(
     batch: int, height: int, width: int, mode: str, generator: torch.Generator | None = None
 ) -> AugmentParams:
     """Draw per-sample parameters for a batch of (height, width) images."""
-    if check_mode(mode) == "flip":
+    mode = check_mode(mode)
+    if mode == "flip":
         return AugmentParams(flip=_rand(batch, generator) < 0.5)
-    if mode == "seed":
-        up = (int(SEED_UPSCALE * height), int(SEED_UPSCALE * width))
+    if mode == "crop":
+        up = (int(CROP_UPSCALE * height), int(CROP_UPSCALE * width))
         return AugmentParams(boxes=_crop_boxes(batch, *up, generator), upscaled=up)
     return AugmentParams()
 
@@ -171,22 +169,3 @@ def augment_batch(x: Tensor, mode: str, generator: torch.Generator | None = None
     """
     params = sample_params(x.shape[0], x.shape[-2], x.shape[-1], mode, generator)
     return apply_params(x, params)
-
-
-# ----------------------------------------------------------------------------- per-sample path
-
-
-def sample_transform(mode: str, size: int):
-    """torchvision v2 transform for one (1, S, S) sample (image, or image and Mask together)."""
-    from torchvision.transforms import v2
-
-    if check_mode(mode) == "flip":
-        return v2.RandomHorizontalFlip(0.5)
-    if mode == "seed":
-        return v2.Compose(
-            [
-                v2.Resize(int(SEED_UPSCALE * size), antialias=True),
-                v2.RandomResizedCrop(size, scale=SEED_SCALE, ratio=SEED_RATIO, antialias=True),
-            ]
-        )
-    return v2.Identity()

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from oasis_ldm import checkpoint
-from oasis_ldm.config import Config, to_dict
+from oasis_ldm.config import Config, canonical, to_dict
 from oasis_ldm.distributed import (
     DistEnv,
     all_reduce_max,
@@ -157,7 +157,7 @@ def fresh_start(run_dir: Path, cfg: Config, env: DistEnv) -> list[preflight.Chan
     old = preflight.saved_config(run_dir)
     if old is None:
         return []
-    allowed, refused = preflight.config_changes(old, to_dict(cfg))
+    allowed, refused = preflight.config_changes(canonical(old), to_dict(cfg))
     return allowed + refused
 
 
@@ -184,7 +184,7 @@ def resume_point(ckpt_dir: Path, env: DistEnv) -> checkpoint.Found | None:
 
 def resume_changes(saved: dict[str, Any], cfg: Config, run_dir: Path) -> list[preflight.Change]:
     """The checkpoint's own config decides what this resume may change (config.yaml may be gone)."""
-    allowed, refused = preflight.config_changes(saved["config"], to_dict(cfg))
+    allowed, refused = preflight.config_changes(canonical(saved["config"]), to_dict(cfg))
     preflight.refuse_changes(run_dir, refused)
     return allowed
 

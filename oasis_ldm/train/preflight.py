@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from oasis_ldm import checkpoint
-from oasis_ldm.config import Config, to_dict
+from oasis_ldm.config import Config, canonical, to_dict
 from oasis_ldm.data import schema
 from oasis_ldm.train.order import BatchError, plan_batches
 
@@ -164,7 +164,7 @@ def check_run_dir(stage: str, cfg: Config, run_dir: Path) -> list[Change]:
     old = saved_config(run_dir)
     if old is None:
         return []  # the checkpoint's own config is compared when it is loaded
-    allowed, refused = config_changes(old, to_dict(cfg))
+    allowed, refused = config_changes(canonical(old), to_dict(cfg))
     refuse_changes(run_dir, refused)
     return allowed
 
