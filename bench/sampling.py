@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from oasis_ldm.checkpoint import CheckpointError
-from oasis_ldm.sampling import image_seed, load_pipeline
+from oasis_ldm.loading import load_pipeline
+from oasis_ldm.rng import image_seed
 
 
 def seconds_per_image(pipe, seeds: list[int], sampler: str, steps: int, device: torch.device) -> float:

@@ -33,7 +33,7 @@ from common import (
 )
 
 from oasis_ldm.checkpoint import CheckpointError
-from oasis_ldm.sampling.pipeline import read_checkpoint
+from oasis_ldm.loading import read_checkpoint
 from oasis_ldm.sampling.shards import RequestMismatch, SamplingParams, report_bad, request_for, write_request
 from oasis_ldm.sampling.worker import DefaultsHelpFormatter, add_request_args, check_request_args, params_of
 

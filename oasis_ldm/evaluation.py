@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.transforms import to_float, to_uint8
+from oasis_ldm.loading import load_frozen_vae
 from oasis_ldm.metrics import (
     MAX_PSNR,
     MEMORISATION_THRESHOLD,
@@ -42,7 +43,6 @@ from oasis_ldm.metrics import (
     paired_figures,
     summarise_neighbour_ssim,
 )
-from oasis_ldm.sampling.pipeline import load_frozen_vae
 from oasis_ldm.segmentation import SegmenterTraining, evaluate_segmentation
 
 PROVENANCE = ("checkpoint", "checkpoint_sha256", "checkpoint_step", "sampler", "steps", "eta", "seed")

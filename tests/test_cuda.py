@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, final_state_of, train
 
 from oasis_ldm.config import load_config
-from oasis_ldm.sampling import load_pipeline
+from oasis_ldm.loading import load_pipeline
 from oasis_ldm.train import loop as loop_module
 from oasis_ldm.train.state import TrainState
 

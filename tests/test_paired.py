@@ -10,8 +10,8 @@ from oasis_ldm.config import load_config
 from oasis_ldm.data import masks as mask_codec
 from oasis_ldm.data.schema import MASK_VALUES
 from oasis_ldm.distributed import DistEnv
+from oasis_ldm.loading import load_pipeline
 from oasis_ldm.models import build_vae
-from oasis_ldm.sampling import load_pipeline
 from oasis_ldm.train.context import StepContext
 from oasis_ldm.train.loop import build_stage
 from oasis_ldm.train.preflight import StartError, check_start

@@ -20,7 +20,8 @@ from PIL import Image
 
 from oasis_ldm.data.masks import to_labels
 from oasis_ldm.data.schema import MASK_VALUES
-from oasis_ldm.sampling import image_seed, load_pipeline
+from oasis_ldm.loading import load_pipeline
+from oasis_ldm.rng import image_seed
 from oasis_ldm.sampling.shards import (
     MASK_COLOURS,
     SamplingParams,

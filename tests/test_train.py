@@ -203,7 +203,7 @@ def test_sigusr2_saves_the_current_step_and_exits(tmp_path, tiny_h5):
 
 
 def test_ldm_checkpoint_is_self_contained(tmp_path, tiny_h5, tiny_vae):
-    from oasis_ldm.sampling import load_pipeline
+    from oasis_ldm.loading import load_pipeline
 
     run_dir = tmp_path / "ldm"
     train(

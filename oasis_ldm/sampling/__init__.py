@@ -1,7 +1,6 @@
 """Seeded, sharded generation from ldm checkpoints; `python -m oasis_ldm.sampling --help`."""
 
-from oasis_ldm.rng import image_seed
-from oasis_ldm.sampling.pipeline import Pipeline, load_frozen_vae, load_pipeline
+from oasis_ldm.sampling.pipeline import Pipeline
 from oasis_ldm.sampling.shards import (
     Request,
     ShardError,
@@ -17,9 +16,6 @@ __all__ = [
     "Request",
     "ShardError",
     "generate_shards",
-    "image_seed",
-    "load_frozen_vae",
-    "load_pipeline",
     "merge",
     "missing_shards",
     "read_request",

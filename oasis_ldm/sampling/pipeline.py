@@ -1,7 +1,7 @@
-"""The sampling pipeline of an ldm checkpoint, and the per-image seeds it draws from.
+"""The sampling pipeline of an ldm checkpoint (oasis_ldm/loading.py makes one from its file).
 
 Image i of a request with seed S starts from noise drawn by its own generator, seeded with
-`image_seed(S, i)`, and every later random draw for it comes from that generator too. Its
+`rng.image_seed(S, i)`, and every later random draw for it comes from that generator too. Its
 pixels therefore depend on (S, i) and the checkpoint only: not on the batch it shared, the
 rank or array task that ran it, or how many there were. Generators live on the CPU so a
 given seed names the same starting noise on any machine. (Convolutions sum in an order that
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from oasis_ldm import checkpoint
-from oasis_ldm.config import from_dict
 from oasis_ldm.data.masks import decode_mask, split_output
 from oasis_ldm.data.transforms import to_uint8
 from oasis_ldm.diffusion import GaussianDiffusion, autocast_model
-from oasis_ldm.models import AutoencoderKL, UNet, build_vae
+from oasis_ldm.models import AutoencoderKL
 from oasis_ldm.rng import ImageGenerators
 
 
@@ -78,60 +75,3 @@ class Pipeline:
     def generate(self, seeds: Sequence[int], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The images of `generate_pairs` alone."""
         return self.generate_pairs(seeds, *args, **kwargs)[0]
-
-
-def read_checkpoint(path_or_run: str | Path, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A checkpoint of `stage` (file or run directory): (its content, metadata).
-
-    The metadata {"path", "sha256", "step", "config"} is what outputs record about the
-    model that made them. The wrong stage is a CheckpointError naming both.
-    """
-    path = checkpoint.resolve(path_or_run)
-    saved = checkpoint.load(path)
-    if saved["stage"] != stage:
-        found = saved["stage"]
-        message = f"this is the {found} stage's checkpoint; the {stage} stage's is needed"
-        raise checkpoint.CheckpointError(f"{path_or_run}: {message}")
-    meta = {
-        "path": str(path.resolve()),
-        "sha256": checkpoint.file_sha256(path),
-        "step": int(saved["step"]),
-        "config": from_dict(saved["config"]),
-    }
-    return saved, meta
-
-
-def load_frozen_vae(
-    path_or_run: str | Path, device: torch.device | str = "cpu"
-) -> tuple[AutoencoderKL, dict[str, Any]]:
-    """The EMA weights of a vae checkpoint, in eval mode without gradients, and its metadata."""
-    saved, meta = read_checkpoint(path_or_run, "vae")
-    vae = build_vae(meta["config"])
-    vae.load_state_dict(saved["ema"]["model"])
-    return vae.to(device).eval().requires_grad_(False), meta
-
-
-def load_pipeline(path_or_run: str | Path, device: torch.device | str = "cpu") -> tuple[Pipeline, dict[str, Any]]:
-    """The pipeline of an ldm checkpoint (file or run directory) and the checkpoint's metadata.
-
-    It samples in the precision the checkpoint trained in (`train.precision`).
-    """
-    saved, meta = read_checkpoint(path_or_run, "ldm")
-    device = torch.device(device)
-    cfg, extra = meta["config"], saved["extra"]
-    vae = build_vae(from_dict(extra["vae_config"]))
-    vae.load_state_dict(extra["vae_weights"])
-    vae = vae.to(device).eval().requires_grad_(False)
-    unet = UNet(cfg.unet, in_channels=vae.latent_channels)
-    unet.load_state_dict(saved["ema"]["model"])
-    unet = unet.to(device).eval().requires_grad_(False)
-    size = cfg.data.image_size // vae.factor
-    pipe = Pipeline(
-        unet=unet,
-        vae=vae,
-        diffusion=GaussianDiffusion.from_config(cfg.diffusion).to(device),
-        scale_factor=float(extra["scale_factor"]),
-        latent_shape=(vae.latent_channels, size, size),
-        precision=cfg.train.precision,
-    )
-    return pipe, meta

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from oasis_ldm.diffusion import PRECISIONS
 from oasis_ldm.distributed import pick_device
-from oasis_ldm.sampling.pipeline import load_pipeline
+from oasis_ldm.loading import load_pipeline
 from oasis_ldm.sampling.shards import SamplingParams, generate_shards, request_for, write_request
 
 

@@ -20,9 +20,10 @@ from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.transforms import to_float
 from oasis_ldm.diffusion import GaussianDiffusion
 from oasis_ldm.distributed import DistEnv, barrier, broadcast
+from oasis_ldm.loading import load_frozen_vae
 from oasis_ldm.models import DiagonalGaussian, UNet
 from oasis_ldm.rng import Stream, generator, image_seed
-from oasis_ldm.sampling.pipeline import Pipeline, load_frozen_vae
+from oasis_ldm.sampling.pipeline import Pipeline
 from oasis_ldm.train.augment import Batch, flip_latents, prepare_batch
 from oasis_ldm.train.context import StepContext
 from oasis_ldm.train.latent_cache import LatentDataset, build_latent_cache

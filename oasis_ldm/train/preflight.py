@@ -100,7 +100,7 @@ def check_data(cfg: Config) -> None:
 
 def check_vae(cfg: Config) -> None:
     """`ldm.vae_ckpt` names a readable vae checkpoint whose latent fits this run's U-Net."""
-    from oasis_ldm.sampling.pipeline import read_checkpoint
+    from oasis_ldm.loading import read_checkpoint
 
     if not cfg.ldm.vae_ckpt:
         raise StartError("ldm.vae_ckpt is not set: pass --set ldm.vae_ckpt=<vae run dir or .pt>")
