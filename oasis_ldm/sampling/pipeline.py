@@ -1,12 +1,8 @@
 """The sampling pipeline of an ldm checkpoint (oasis_ldm/loading.py makes one from its file).
 
-Image i of a request with seed S starts from noise drawn by its own generator, seeded with
-`rng.image_seed(S, i)`, and every later random draw for it comes from that generator too. Its
-pixels therefore depend on (S, i) and the checkpoint only: not on the batch it shared, the
-rank or array task that ran it, or how many there were. Generators live on the CPU so a
-given seed names the same starting noise on any machine. (Convolutions sum in an order that
-depends on the batch size, so another batch size may move a pixel by one level; a sampling
-request fixes its batches, which makes workers agree bit for bit.)
+Image b is drawn from its own seed alone (oasis_ldm/rng.py, `ImageGenerators`). Convolutions
+sum in an order that depends on the batch size, so another batch size may move a pixel by one
+level: a sampling request fixes its batches, which makes workers agree bit for bit.
 
 Precision: "bf16" runs the U-Net under bf16 autocast (the sampler's state stays float32, see
 oasis_ldm.diffusion); the VAE decoder always runs in float32, once per image, because its

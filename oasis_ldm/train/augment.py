@@ -1,10 +1,8 @@
-"""Batch augmentation on the training device, with parameters drawn by the global-batch rule.
+"""Batch augmentation on the training device: the loader's uint8 batch as the models see it.
 
-Parameters are drawn on the training device for the step's whole batch from the step's
-generator (like every other draw of a step: nothing is copied from pageable host memory per
-micro-batch) and sliced to this micro-batch's rows on this rank (see order.py), so the
-augmentation of a sample depends on (seed, step, its position in the step's batch) alone: not
-on the number of ranks, the accumulation rounds, the data workers, or a resume.
+The parameters are a step draw like any other (oasis_ldm/rng.py, stream AUGMENT), made on the
+training device, so nothing is copied from pageable host memory per micro-batch. Masks (paired
+mode) get the same geometry as their slices, resampled with nearest neighbour.
 """
 
 from __future__ import annotations

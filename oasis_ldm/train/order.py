@@ -1,15 +1,13 @@
-"""Data order and per-step randomness that do not depend on how many ranks run the job.
+"""Data order that does not depend on how many ranks run the job.
 
 `train.batch_size` is the global batch of one optimizer step (EDM's `--batch`). It is split
 over the ranks and, where a rank's share is more than `train.micro_batch` (EDM's
 `--batch-gpu`), into accumulation rounds: `BatchPlan`. Every epoch is one seeded permutation
 of the split, cut into global batches; round k of a step is rows [k*B/R, (k+1)*B/R) of it,
 and rank r takes rows r, r + W, r + 2W, ... of a round, as `DistributedSampler` would.
-Random numbers follow the same rule (oasis_ldm/rng.py): they are drawn for the step's whole
-batch and each rank keeps the rows of its samples, so the draw of a sample depends on its
-position in the step's batch alone, and one process, two ranks, or two ranks with two rounds
-each train the same model. The data position is
-counted in samples, so a run resumed on another number of ranks continues where it stopped.
+Random numbers follow the same layout (oasis_ldm/rng.py), so one process, two ranks, or two
+ranks with two rounds each train the same model. The data position is counted in samples, so
+a run resumed on another number of ranks continues where it stopped.
 """
 
 from __future__ import annotations
