@@ -257,3 +257,20 @@ def final_state_of(run_dir: Path) -> dict:
     from oasis_ldm import checkpoint
 
     return checkpoint.load(run_dir / "checkpoints" / "last.pt")
+
+
+def watch_resume(monkeypatch) -> dict:
+    """After a resume loads its checkpoint: {"params": devices of the weights, "steps": devices
+    of the optimizers' step counters} (TrainState.load_state_dict, watched)."""
+    from oasis_ldm.train.state import TrainState
+
+    seen: dict = {}
+    real_load = TrainState.load_state_dict
+
+    def spy(state, saved):
+        real_load(state, saved)
+        seen["params"] = {p.device.type for m in state.stage.models.values() for p in m.parameters()}
+        seen["steps"] = {s["step"].device.type for o in state.optimizers.values() for s in o.state.values()}
+
+    monkeypatch.setattr(TrainState, "load_state_dict", spy)
+    return seen

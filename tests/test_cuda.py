@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, final_state_of, train
+from conftest import TINY, final_state_of, train, watch_resume
 
 from oasis_ldm.config import load_config
 from oasis_ldm.loading import load_pipeline
 from oasis_ldm.train import loop as loop_module
-from oasis_ldm.train.state import TrainState
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 ON_CUDA = ["train.device=cuda", "train.precision=bf16"]
@@ -27,15 +26,7 @@ def test_bf16_training_on_cuda_resumes_with_its_optimizer_steps_on_the_cpu(
     train(stage, run_dir, tiny_h5, *sets, "train.max_steps=4")
     saved = final_state_of(run_dir)
     assert all(v.device.type == "cpu" for m in saved["models"].values() for v in m.values())  # read on the CPU
-    seen = {}
-    real_load = TrainState.load_state_dict
-
-    def spy(state, saved):
-        real_load(state, saved)
-        seen["params"] = {p.device.type for m in state.stage.models.values() for p in m.parameters()}
-        seen["steps"] = {s["step"].device.type for o in state.optimizers.values() for s in o.state.values()}
-
-    monkeypatch.setattr(TrainState, "load_state_dict", spy)
+    seen = watch_resume(monkeypatch)
     cfg = load_config(TINY, [f"data.path={tiny_h5}", *sets, "train.max_steps=6"], stage=stage)
     assert loop_module.train(stage, cfg, run_dir) == 6
     assert seen == {"params": {"cuda"}, "steps": {"cpu"}}

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_ranks, train, train_cmd
+from conftest import TINY, run_ranks, train, train_cmd, watch_resume
 from test_train import assert_same_outputs, assert_same_tensors, final_state, losses
 
 from oasis_ldm import checkpoint
 from oasis_ldm.config import load_config
 from oasis_ldm.distributed import DistEnv
 from oasis_ldm.train import loop as loop_module
-from oasis_ldm.train.state import TrainState
 
 pytestmark = pytest.mark.slow
 COMMON = ["train.image_every=100", "train.batch_size=4", "train.ckpt_every=2", "train.snapshot_every=2"]
@@ -34,15 +33,7 @@ def test_a_resume_onto_another_device_reads_the_checkpoint_on_the_cpu(tmp_path, 
     assert "rng" not in final_state(run_dir)  # no per-device RNG state: nothing to restore on other GPUs
     elsewhere = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("meta"))
     monkeypatch.setattr(loop_module, "init_distributed", lambda device: elsewhere)
-    seen = {}
-    real_load = TrainState.load_state_dict
-
-    def spy(state, saved):
-        real_load(state, saved)
-        seen["params"] = {p.device.type for m in state.stage.models.values() for p in m.parameters()}
-        seen["steps"] = {s["step"].device.type for o in state.optimizers.values() for s in o.state.values()}
-
-    monkeypatch.setattr(TrainState, "load_state_dict", spy)
+    seen = watch_resume(monkeypatch)
     assert loop_module.train(stage, load_config(TINY, sets, stage=stage), run_dir) == 2
     assert seen == {"params": {"meta"}, "steps": {"cpu"}}
 
