@@ -105,6 +105,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, ...] = (0.9, 0.999)
     warmup_steps: int = 1000
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up, down to lr * lr_min_factor at max_steps)
+    lr_min_factor: float = 0.1  # the cosine schedule's floor, as a fraction of lr
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ckpt_every: int = 2000  # write checkpoints/last.pt every N steps
@@ -302,6 +304,7 @@ def validate(cfg: Config) -> None:
         "diffusion.target": (cfg.diffusion.target, ("eps", "v")),
         "diffusion.sampler": (cfg.diffusion.sampler, ("ddim", "ddpm")),
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
+        "train.lr_schedule": (cfg.train.lr_schedule, ("constant", "cosine")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
     }
     for key, (value, allowed) in choices.items():

@@ -266,3 +266,17 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tmp_path, tiny_h5, tiny_va
         loss = float(logs["total" if stage_name == "vae" else "mse"])
         first = loss if first is None else first
     assert loss < 0.8 * first
+
+
+def test_lr_factor_warms_up_then_follows_the_schedule():
+    from oasis_ldm.config import TrainConfig
+    from oasis_ldm.train.loop import lr_factor
+
+    const = TrainConfig(max_steps=100, warmup_steps=10)
+    assert [lr_factor(s, const) for s in (1, 5, 10, 50, 100)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cos = TrainConfig(max_steps=110, warmup_steps=10, lr_schedule="cosine", lr_min_factor=0.2)
+    assert lr_factor(5, cos) == 0.5 and lr_factor(10, cos) == 1.0
+    assert abs(lr_factor(60, cos) - 0.6) < 1e-12  # halfway: the mean of 1 and the floor
+    assert abs(lr_factor(110, cos) - 0.2) < 1e-12 and lr_factor(500, cos) == 0.2
+    values = [lr_factor(s, cos) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))

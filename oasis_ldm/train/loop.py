@@ -13,6 +13,7 @@ blocks its corrected rerun.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,8 +215,20 @@ def micro_batches(loader: DataLoader, sampler: ResumableSampler, pos: Position, 
         pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
 
 
-def set_lr(state: TrainState, step: int, warmup: int) -> float:
-    factor = min(1.0, step / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, t: Any) -> float:
+    """Linear warm-up over `t.warmup_steps`, then constant or a cosine down to `t.lr_min_factor`
+    at `t.max_steps` (a run extended past its old max_steps follows the new, longer curve)."""
+    if t.warmup_steps > 0 and step < t.warmup_steps:
+        return step / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, max(0.0, (step - t.warmup_steps) / span))
+    return t.lr_min_factor + (1.0 - t.lr_min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(state: TrainState, step: int, t: Any) -> float:
+    factor = lr_factor(step, t)
     for name, opt in state.optimizers.items():
         for group in opt.param_groups:
             group["lr"] = state.stage.lr(name) * factor
@@ -282,7 +295,7 @@ def run_steps(
     while pos.step < t.max_steps:
         step = pos.step + 1
         # One optimizer step, then the EMA.
-        lr_factor = set_lr(state, step, t.warmup_steps)
+        factor = set_lr(state, step, t)
         logs, stop_now = train_step(state, batches, step, cfg, env, stop)
         state.ema.update(state.stage.models[state.stage.main])
         pos.step = step
@@ -291,7 +304,7 @@ def run_steps(
         # Log: scalars (a collective), then images (rank 0).
         if step % t.log_every == 0 or last:
             report = meter.report(env)
-            report["train/lr"] = state.stage.lr(state.stage.main) * lr_factor
+            report["train/lr"] = state.stage.lr(state.stage.main) * factor
             report["train/epoch"] = pos.epoch + pos.samples_in_epoch / sampler.samples_per_epoch()
             if env.device.type == "cuda":
                 report["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
