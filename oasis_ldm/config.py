@@ -47,6 +47,7 @@ class VAEConfig:
     l1_weight: float = 1.0
     ssim_weight: float = 0.5
     kl_weight: float = 1e-6
+    brain_weight: float = 0.0  # L1 and SSIM weigh brain pixels (1 + this) : background 1
     mask_ce_weight: float = 1.0  # paired mode: cross-entropy of the decoded class logits
     mask_dice_weight: float = 0.0  # paired mode: 1 - mean soft Dice over the tissue classes
     adv_weight: float = 0.0  # 0 disables the PatchGAN term

@@ -638,3 +638,18 @@ def test_diversity_pair_sampling_is_reproducible_and_unbiased():
     again = mean_pairwise_ms_ssim(images, max_pairs=40, generator=torch.Generator().manual_seed(1))
     assert sampled == again
     assert sampled == pytest.approx(full, abs=0.1)
+
+
+def test_brain_weighted_ssim_loss_ignores_what_the_weights_ignore():
+    from oasis_ldm.train.losses import brain_weight, ssim_loss
+
+    target = torch.full((2, 1, 32, 32), -1.0)
+    target[:, :, 8:24, 8:24] = torch.rand((2, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    assert brain_weight(target, 0.0) is None
+    w = brain_weight(target, 3.0)
+    assert w[0, 0, 7, 7] == 4.0 and w[0, 0, 0, 0] == 1.0  # the foreground, grown by one pixel
+    assert torch.allclose(ssim_loss(target, target, w), torch.tensor(0.0), atol=1e-6)
+    noisy_bg = target.clone()
+    noisy_bg[:, :, :4] += 0.2  # damage the background only: the weighted loss cares less
+    assert ssim_loss(noisy_bg, target, w) < ssim_loss(noisy_bg, target)
+    assert torch.allclose(ssim_loss(noisy_bg, target, torch.ones_like(target)), ssim_loss(noisy_bg, target))
