@@ -280,3 +280,37 @@ def test_lr_factor_warms_up_then_follows_the_schedule():
     assert abs(lr_factor(110, cos) - 0.2) < 1e-12 and lr_factor(500, cos) == 0.2
     values = [lr_factor(s, cos) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_latent_cache_flips_use_the_mirrored_slices_posterior(tmp_path, tiny_h5, tiny_vae):
+    """A strided-conv encoder is not mirror-equivariant: a flipped row must take the cached
+    posterior of the mirrored slice, not the mirror image of its own latent."""
+    from oasis_ldm.data.transforms import to_float
+    from oasis_ldm.distributed import DistEnv
+    from oasis_ldm.train.augment import flip_rows
+    from oasis_ldm.train.context import StepContext
+    from oasis_ldm.train.loop import build_stage
+
+    sets = [f"data.path={tiny_h5}", f"ldm.vae_ckpt={tiny_vae}", "data.augment=flip", "ldm.latent_cache=true"]
+    cfg = load_config(TINY, sets, stage="ldm")
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    stage = build_stage("ldm", cfg, env, tmp_path)
+    stage.initialise()
+    cache = stage.dataset
+    assert cache.has_flips
+    images = to_float(stage.images.read_raw([0, 1]))
+    with torch.no_grad():
+        mirrored = stage.vae.encode(images.flip(-1)).mean
+    _, _, flip_mean, _ = cache[[0, 1]]
+    torch.testing.assert_close(flip_mean.float(), mirrored, atol=2e-2, rtol=2e-2)
+    assert not torch.allclose(mirrored, stage.vae.encode(images).mean.flip(-1), atol=2e-2)  # why it is needed
+    mean, std, fmean, fstd = (t[:4] for t in cache.tensors)
+    zero = torch.zeros_like(std)
+    for step in range(1, 20):  # find a step that flips some rows and keeps others
+        ctx = StepContext(step=step, micro=0, accum=1, env=env, seed=0, bf16=False)
+        flips = flip_rows(4, "flip", ctx)
+        if 0 < flips.sum() < 4:
+            break
+    z = stage.latents([mean, zero, fmean, zero], ctx) / stage.scale_factor
+    expected = torch.where(flips[:, None, None, None], fmean.float(), mean.float())
+    torch.testing.assert_close(z, expected)

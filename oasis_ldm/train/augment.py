@@ -53,8 +53,9 @@ class Batch:
         return self.images if self.masks is None else pair_input(self.images, self.masks)
 
 
-def flip_latents(z: torch.Tensor, mode: str, ctx: StepContext) -> torch.Tensor:
-    """Horizontal flips in latent space (cached latents; the config allows none or flip)."""
+def flip_rows(n: int, mode: str, ctx: StepContext) -> torch.Tensor:
+    """(n,) bool: which rows of this micro-batch the step flips. Cached latents are not flipped
+    themselves: a flipped row takes the posterior of its mirrored slice (latent_cache.py)."""
     if mode == "none":
-        return z
-    return apply_params(z, global_params(z.shape[0], z.shape[-2], z.shape[-1], "flip", ctx))
+        return torch.zeros(n, dtype=torch.bool, device=ctx.env.device)
+    return global_params(n, 1, 1, "flip", ctx).flip.to(ctx.env.device)

@@ -7,7 +7,11 @@ Ranks encode interleaved rows (r, r + W, ...) into part files and rank 0 merges 
 building it is symmetric work that scales with the ranks. It lives in RUN_DIR, records what
 made it (the autoencoder's checksum, the data file, split and size) and is rebuilt
 (identically) when deleted or made by something else; rank 0 decides, so all ranks agree.
-Geometric augmentation in latent space is limited to horizontal flips.
+Geometric augmentation in latent space is limited to horizontal flips, and a flip is not
+done on the latent: a strided-conv encoder is not mirror-equivariant (its stride-2 taps sit on
+even columns, so a mirrored latent is the latent of a slice shifted by a pixel per level, and
+the decoder turns it into edge stripes and mottle). With `flips=True` the cache also holds the
+posteriors of the mirrored slices, and a flipped row uses those.
 """
 
 from __future__ import annotations
@@ -29,23 +33,23 @@ from oasis_ldm.models import DiagonalGaussian
 ENCODE_BATCH = 32
 
 
-Encode = Callable[[list[int]], DiagonalGaussian]  # rows of the split -> their posteriors
+Encode = Callable[[list[int], bool], DiagonalGaussian]  # (rows of the split, mirrored?) -> posteriors
+KEYS = ("mean", "std")
+FLIP_KEYS = ("flip_mean", "flip_std")  # the posteriors of the mirrored slices
 
 
 @torch.no_grad()
-def _encode_part(path: Path, rows_total: int, encode: Encode, env: DistEnv) -> None:
+def _encode_part(path: Path, rows_total: int, encode: Encode, env: DistEnv, flips: bool) -> None:
     rows = list(range(env.rank, rows_total, env.world_size))
     with h5py.File(path, "w") as f:
-        mean_ds = std_ds = None
         for i in tqdm(range(0, len(rows), ENCODE_BATCH), desc="latent cache", disable=not env.is_main):
-            posterior = encode(rows[i : i + ENCODE_BATCH])
-            mean, std = (t.half().cpu().numpy() for t in (posterior.mean, posterior.std))
-            if mean_ds is None:
-                shape = (len(rows), *mean.shape[1:])
-                mean_ds = f.create_dataset("mean", shape, dtype=np.float16)
-                std_ds = f.create_dataset("std", shape, dtype=np.float16)
-            mean_ds[i : i + len(mean)] = mean
-            std_ds[i : i + len(std)] = std
+            for flip, keys in ((False, KEYS), (True, FLIP_KEYS))[: 2 if flips else 1]:
+                posterior = encode(rows[i : i + ENCODE_BATCH], flip)
+                for key, t in zip(keys, (posterior.mean, posterior.std), strict=True):
+                    value = t.half().cpu().numpy()
+                    if key not in f:
+                        f.create_dataset(key, (len(rows), *value.shape[1:]), dtype=np.float16)
+                    f[key][i : i + len(value)] = value
 
 
 def _merge(parts: list[Path], out: Path, n: int, made_by: dict[str, str | int]) -> None:
@@ -55,15 +59,16 @@ def _merge(parts: list[Path], out: Path, n: int, made_by: dict[str, str | int]) 
         dst.attrs.update(made_by)
         for rank, part in enumerate(parts):
             with h5py.File(part, "r") as src:
-                for key in ("mean", "std"):
+                for key in src:
                     if key not in dst:
                         dst.create_dataset(key, (n, *src[key].shape[1:]), dtype=np.float16)
                     dst[key][rank::world] = src[key][:]
 
 
-def fingerprint(images: OasisH5Dataset, made_by: dict[str, str]) -> dict[str, str | int]:
+def fingerprint(images: OasisH5Dataset, made_by: dict[str, str], flips: bool = False) -> dict[str, str | int]:
     """What the cache's content depends on, stored as its attributes."""
-    return {**made_by, "split": images.split, "image_size": int(images.size[0]), "rows": len(images)}
+    out = {**made_by, "split": images.split, "image_size": int(images.size[0]), "rows": len(images)}
+    return {**out, "flips": int(flips)}
 
 
 def is_current(path: Path, expected: dict[str, str | int]) -> bool:
@@ -71,24 +76,26 @@ def is_current(path: Path, expected: dict[str, str | int]) -> bool:
     try:
         with h5py.File(path, "r", locking=False) as f:
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-            complete = all(k in f and len(f[k]) == expected["rows"] for k in ("mean", "std"))
+            keys = KEYS + (FLIP_KEYS if expected.get("flips") else ())
+            complete = all(k in f and len(f[k]) == expected["rows"] for k in keys)
     except (OSError, KeyError):
         return False
     return complete and all(attrs.get(k) == v for k, v in expected.items())
 
 
 def build_latent_cache(
-    out: Path, images: OasisH5Dataset, encode: Encode, env: DistEnv, made_by: dict[str, str]
+    out: Path, images: OasisH5Dataset, encode: Encode, env: DistEnv, made_by: dict[str, str], flips: bool = False
 ) -> Path:
     """Every rank calls this together; returns the cache path once it is complete and current.
 
     `encode` maps rows of `images` to their posteriors (the slices, with their masks in
-    paired mode); `made_by` names the autoencoder and data, checked against an existing cache.
+    paired mode), mirrored when asked; `made_by` names the autoencoder and data, checked against
+    an existing cache. `flips` also stores the mirrored slices' posteriors.
     """
-    expected = fingerprint(images, made_by)
+    expected = fingerprint(images, made_by, flips)
     if not on_rank0(lambda: is_current(out, expected)):
         part = out.with_name(f"{out.stem}.part{env.rank}.h5")
-        _encode_part(part, len(images), encode, env)
+        _encode_part(part, len(images), encode, env, flips)
         barrier()
         if env.is_main:
             parts = [out.with_name(f"{out.stem}.part{r}.h5") for r in range(env.world_size)]
@@ -100,15 +107,20 @@ def build_latent_cache(
 
 
 class LatentDataset(Dataset):
-    """(mean, std) float16 pairs of the cached posteriors, read into RAM once."""
+    """(mean, std) float16 pairs of the cached posteriors, read into RAM once; with the mirrored
+    slices' posteriors stored, items are (mean, std, flip_mean, flip_std)."""
 
     def __init__(self, path: Path) -> None:
         with h5py.File(path, "r", locking=False) as f:
-            self.mean = torch.from_numpy(f["mean"][:])
-            self.std = torch.from_numpy(f["std"][:])
+            keys = KEYS + (FLIP_KEYS if all(k in f for k in FLIP_KEYS) else ())
+            self.tensors = [torch.from_numpy(f[k][:]) for k in keys]
+
+    @property
+    def has_flips(self) -> bool:
+        return len(self.tensors) == 4
 
     def __len__(self) -> int:
-        return len(self.mean)
+        return len(self.tensors[0])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean[index], self.std[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)

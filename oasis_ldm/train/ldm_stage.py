@@ -24,7 +24,7 @@ from oasis_ldm.loading import load_frozen_vae
 from oasis_ldm.models import DiagonalGaussian, UNet
 from oasis_ldm.rng import Stream, generator, image_seed
 from oasis_ldm.sampling.pipeline import Pipeline
-from oasis_ldm.train.augment import Batch, flip_latents, prepare_batch
+from oasis_ldm.train.augment import Batch, flip_rows, prepare_batch
 from oasis_ldm.train.context import StepContext
 from oasis_ldm.train.latent_cache import LatentDataset, build_latent_cache
 
@@ -64,7 +64,10 @@ class LDMStage:
         if self._dataset is None:
             if self.cfg.ldm.latent_cache:
                 made_by = {"vae_sha256": self.vae_sha256, "data_path": str(Path(self.cfg.data.path).resolve())}
-                path = build_latent_cache(self.run_dir / "latents.h5", self.images, self.encode_rows, self.env, made_by)
+                flips = self.cfg.data.augment == "flip"
+                path = build_latent_cache(
+                    self.run_dir / "latents.h5", self.images, self.encode_rows, self.env, made_by, flips
+                )
                 self._dataset = LatentDataset(path)
             else:
                 self._dataset = self.images
@@ -99,10 +102,12 @@ class LDMStage:
         return 1.0 / torch.cat(latents).std().item()
 
     @torch.no_grad()
-    def encode_rows(self, rows: list[int]) -> DiagonalGaussian:
-        """Posteriors of rows of the training split, unaugmented, in fp32 (with masks, paired)."""
+    def encode_rows(self, rows: list[int], flip: bool = False) -> DiagonalGaussian:
+        """Posteriors of rows of the training split (mirrored with `flip`), in fp32 (with masks, paired)."""
         masks = self.images.read_raw(rows, mask=True).to(self.env.device) if self.cfg.data.masks else None
         images = to_float(self.images.read_raw(rows).to(self.env.device))
+        if flip:
+            images, masks = images.flip(-1), None if masks is None else masks.flip(-1)
         return self.vae.encode(Batch(images, masks).model_input())
 
     def latents(self, batch: Any, ctx: StepContext) -> torch.Tensor:
@@ -112,9 +117,11 @@ class LDMStage:
         U-Net learns, and the scale factor and the latent cache are measured in fp32 too.
         """
         if self.cfg.ldm.latent_cache:
-            mean, std = (t.to(self.env.device, non_blocking=True).float() for t in batch)
+            mean, std, *mirrored = (t.to(self.env.device, non_blocking=True).float() for t in batch)
+            if mirrored:  # a flipped row takes the posterior of its mirrored slice (latent_cache.py)
+                flip = flip_rows(mean.shape[0], self.cfg.data.augment, ctx)[:, None, None, None]
+                mean, std = torch.where(flip, mirrored[0], mean), torch.where(flip, mirrored[1], std)
             z = mean + std * ctx.draws.randn(tuple(mean.shape), Stream.POSTERIOR_NOISE)
-            z = flip_latents(z, self.cfg.data.augment, ctx)
         else:
             b = prepare_batch(batch, self.cfg.data.augment, ctx)
             with torch.no_grad():
