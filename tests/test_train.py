@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import time
@@ -279,7 +280,7 @@ def test_lr_factor_warms_up_then_follows_the_schedule():
     assert abs(lr_factor(60, cos) - 0.6) < 1e-12  # halfway: the mean of 1 and the floor
     assert abs(lr_factor(110, cos) - 0.2) < 1e-12 and lr_factor(500, cos) == 0.2
     values = [lr_factor(s, cos) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_latent_cache_flips_use_the_mirrored_slices_posterior(tmp_path, tiny_h5, tiny_vae):
@@ -304,7 +305,7 @@ def test_latent_cache_flips_use_the_mirrored_slices_posterior(tmp_path, tiny_h5,
     _, _, flip_mean, _ = cache[[0, 1]]
     torch.testing.assert_close(flip_mean.float(), mirrored, atol=2e-2, rtol=2e-2)
     assert not torch.allclose(mirrored, stage.vae.encode(images).mean.flip(-1), atol=2e-2)  # why it is needed
-    mean, std, fmean, fstd = (t[:4] for t in cache.tensors)
+    mean, std, fmean, _fstd = (t[:4] for t in cache.tensors)
     zero = torch.zeros_like(std)
     for step in range(1, 20):  # find a step that flips some rows and keeps others
         ctx = StepContext(step=step, micro=0, accum=1, env=env, seed=0, bf16=False)
