@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-paired test install lint clean
+.PHONY: demo demo-paired docs-pictures test install lint clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ demo: $(STAMP)
 # Paired image + mask synthesis on the same demo data, judged by segmentation (README).
 demo-paired: $(STAMP)
 	$(PY) tools/demo.py --out demo_out --paired
+
+# The README's pictures under docs/, from the demos' outputs (each demo runs first if needed).
+docs-pictures: $(STAMP)
+	$(PY) tools/demo.py --out demo_out --docs docs
+	$(PY) tools/demo.py --out demo_out --paired --docs docs
 
 # The whole test suite, with the project's real two-node SLURM cluster booted around it.
 test: $(STAMP)

@@ -2,6 +2,7 @@
 
     python tools/demo.py --out demo_out            # make demo
     python tools/demo.py --out demo_out --paired   # make demo-paired: image-mask pairs
+    python tools/demo.py --out demo_out --docs docs # make docs-pictures: the README's PNGs
 
 demo data (MNI152 slices) -> pack_h5 -> train vae -> train ldm -> 64 samples + grid -> evaluation,
 each step the project's own command, run locally (`--cluster local`). Every step is skipped
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +35,14 @@ def step(title: str, cmd: list[str], done: Path | None = None) -> None:
     print(f"== {title}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def copy_pictures(docs: Path, name: str, grid: Path, reconstructions: Path) -> None:
+    """The README's pictures: the sample grid and the evaluator's real | reconstruction pairs."""
+    docs.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((grid, docs / f"{name}_samples.png"), (reconstructions, docs / f"{name}_reconstructions.png")):
+        shutil.copyfile(src, dst)
+        print(f"== docs: {dst}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Run the demo pipeline end to end on generated MNI152 slices.",
@@ -44,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         "--paired",
         action="store_true",
         help="the demo-paired preset: image-mask pairs, judged by train-on-synthetic segmentation",
+    )
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="also copy the sample grid and the real-vs-reconstruction picture here (the README's PNGs)",
     )
     args = p.parse_args(argv)
     out = args.out.resolve()
@@ -64,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     judge = [*evaluate, "--split", "train", "--samples", str(samples / "samples.h5"), "--out", str(samples_report)]
     judge += ["--tb", str(runs / "ldm"), *(["--segmentation"] if args.paired else [])]
     step("evaluate the samples" + (" (and segment with them)" if args.paired else ""), judge)
+    if args.docs is not None:
+        copy_pictures(args.docs, name, samples / "grid.png", vae_report.with_suffix(".png"))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     print(f"  samples:      {samples / 'grid.png'}  (all of them: {samples / 'samples.h5'})")
     print(f"  training:     {runs}/vae/images and {runs}/ldm/images (PNG grids)")
