@@ -30,7 +30,6 @@ Dice, from torchmetrics (`DiceScore`, class labels in, background excluded):
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.masks import CLASS_NAMES, NUM_CLASSES, to_labels
 from oasis_ldm.data.transforms import to_float
+from oasis_ldm.lr import lr_factor
 from oasis_ldm.models.segmenter import Segmenter
 from oasis_ldm.rng import EvalStream, derive_seed, generator
 
@@ -167,13 +167,6 @@ def segmentation_loss(logits: Tensor, labels: Tensor, dice_weight: float) -> Ten
     return loss
 
 
-def _lr_factor(step: int, steps: int) -> float:
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def _flip_half(x: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -204,7 +197,9 @@ def train_segmenter(
     order = batch_order(len(images), settings.batch_size, generator("cpu", seed, EvalStream.SEGMENTER_ORDER))
     flips = generator("cpu", seed, EvalStream.SEGMENTER_FLIPS)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, settings.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda done: lr_factor(done + 1, max(1, settings.steps // 20), settings.steps, "cosine")
+    )
     model.train()
     with _deterministic_cudnn():
         for _ in tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress, leave=False):

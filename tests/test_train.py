@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -270,17 +271,28 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tmp_path, tiny_h5, tiny_va
 
 
 def test_lr_factor_warms_up_then_follows_the_schedule():
-    from oasis_ldm.config import TrainConfig
-    from oasis_ldm.train.loop import lr_factor
+    from oasis_ldm.lr import lr_factor
 
-    const = TrainConfig(max_steps=100, warmup_steps=10)
-    assert [lr_factor(s, const) for s in (1, 5, 10, 50, 100)] == [0.1, 0.5, 1.0, 1.0, 1.0]
-    cos = TrainConfig(max_steps=110, warmup_steps=10, lr_schedule="cosine", lr_min_factor=0.2)
-    assert lr_factor(5, cos) == 0.5 and lr_factor(10, cos) == 1.0
-    assert abs(lr_factor(60, cos) - 0.6) < 1e-12  # halfway: the mean of 1 and the floor
-    assert abs(lr_factor(110, cos) - 0.2) < 1e-12 and lr_factor(500, cos) == 0.2
-    values = [lr_factor(s, cos) for s in range(10, 111)]
+    assert [lr_factor(s, 10, 100) for s in (1, 5, 10, 50, 100)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(5, 10, 110, "cosine", 0.2) == 0.5 and lr_factor(10, 10, 110, "cosine", 0.2) == 1.0
+    assert abs(lr_factor(60, 10, 110, "cosine", 0.2) - 0.6) < 1e-12  # halfway: the mean of 1 and the floor
+    assert abs(lr_factor(110, 10, 110, "cosine", 0.2) - 0.2) < 1e-12 and lr_factor(500, 10, 110, "cosine", 0.2) == 0.2
+    values = [lr_factor(s, 10, 110, "cosine", 0.2) for s in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_the_trainer_sets_the_configured_schedule(tmp_path, tiny_h5):
+    """train.lr_schedule reaches the optimiser: the rate at the last step is lr * lr_min_factor."""
+    from oasis_ldm.train.loop import set_lr
+
+    sets = [f"data.path={tiny_h5}", "train.lr_schedule=cosine", "train.lr_min_factor=0.25"]
+    cfg = load_config(TINY, [*sets, "train.max_steps=8", "train.warmup_steps=2"], stage="vae")
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    state = SimpleNamespace(optimizers={"vae": opt}, stage=SimpleNamespace(lr=lambda name: cfg.train.lr))
+    assert set_lr(state, 1, cfg.train) == 0.5  # what set_lr reads of a TrainState
+    assert set_lr(state, 8, cfg.train) == 0.25
+    assert opt.param_groups[0]["lr"] == cfg.train.lr * 0.25
 
 
 def test_latent_cache_flips_use_the_mirrored_slices_posterior(tmp_path, tiny_h5, tiny_vae):

@@ -13,7 +13,6 @@ blocks its corrected rerun.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from oasis_ldm.distributed import (
     on_every_rank,
     on_rank0,
 )
+from oasis_ldm.lr import lr_factor
 from oasis_ldm.threads import configure_threads
 from oasis_ldm.train import preflight, rundir
 from oasis_ldm.train.context import Stage, StepContext
@@ -215,20 +215,8 @@ def micro_batches(loader: DataLoader, sampler: ResumableSampler, pos: Position, 
         pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
 
 
-def lr_factor(step: int, t: Any) -> float:
-    """Linear warm-up over `t.warmup_steps`, then constant or a cosine down to `t.lr_min_factor`
-    at `t.max_steps` (a run extended past its old max_steps follows the new, longer curve)."""
-    if t.warmup_steps > 0 and step < t.warmup_steps:
-        return step / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return 1.0
-    span = max(1, t.max_steps - t.warmup_steps)
-    progress = min(1.0, max(0.0, (step - t.warmup_steps) / span))
-    return t.lr_min_factor + (1.0 - t.lr_min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def set_lr(state: TrainState, step: int, t: Any) -> float:
-    factor = lr_factor(step, t)
+    factor = lr_factor(step, t.warmup_steps, t.max_steps, t.lr_schedule, t.lr_min_factor)
     for name, opt in state.optimizers.items():
         for group in opt.param_groups:
             group["lr"] = state.stage.lr(name) * factor
