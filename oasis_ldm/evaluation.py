@@ -77,9 +77,10 @@ def real_regions(real: OasisH5Dataset, indices: list[int], images: torch.Tensor)
 
 
 def side_by_side(
-    left: torch.Tensor, right: torch.Tensor, region: torch.Tensor | None = None, rows: int = 8
+    left: torch.Tensor, right: torch.Tensor, region: torch.Tensor | None = None, rows: int = 8, per_row: int = 4
 ) -> torch.Tensor:
-    """uint8 (B, 1, H, W) pairs -> one RGB (3, H', W') grid: each row is `left[i] | right[i]`.
+    """uint8 (B, 1, H, W) pairs -> one RGB (3, H', W') grid of the first `rows` pairs
+    `left[i] | right[i]`, `per_row` pairs a row (a strip that fits a page and a TensorBoard pane).
 
     Slices under PICTURE_SIDE px are enlarged by a whole factor (nearest, each pixel a square).
     ``region`` (bool, the real slice's brain) is outlined on both images, just outside its
@@ -96,7 +97,7 @@ def side_by_side(
         edge = edge.repeat_interleave(2, 0)[:, 0]  # the same outline on both images of a row
         for c, value in enumerate(OUTLINE_RGB):
             tiles[:, c][edge] = value
-    return make_grid(tiles, nrow=2, padding=2, pad_value=255)
+    return make_grid(tiles, nrow=2 * per_row, padding=2, pad_value=255)
 
 
 def outline(region: torch.Tensor) -> torch.Tensor:

@@ -246,12 +246,12 @@ def test_picture_enlarges_small_slices_and_outlines_the_real_brain():
     right = (left.float() * 0.5).to(torch.uint8)
     region = torch.zeros(left.shape, dtype=torch.bool)
     region[:, :, 8:24, 10:20] = True
-    picture = side_by_side(left, right, region)
-    factor, tile = 8, 256  # 32 px slices are shown at 256 px
-    assert picture.shape == (3, 3 * (tile + 2) + 2, 2 * (tile + 2) + 2) and picture.dtype == torch.uint8
+    picture = side_by_side(left, right, region, per_row=2)
+    factor, tile = 8, 256  # 32 px slices are shown at 256 px; pairs 0 and 1 in the first row, 2 below
+    assert picture.shape == (3, 2 * (tile + 2) + 2, 4 * (tile + 2) + 2) and picture.dtype == torch.uint8
     for row in range(3):
         for col in range(2):
-            y0, x0 = 2 + row * (tile + 2), 2 + col * (tile + 2)
+            y0, x0 = 2 + (row // 2) * (tile + 2), 2 + (2 * (row % 2) + col) * (tile + 2)
             rgb = picture[:, y0 : y0 + tile, x0 : x0 + tile]
             amber = (rgb == torch.tensor(OUTLINE_RGB, dtype=torch.uint8)[:, None, None]).all(0)
             inside = region[row, 0].repeat_interleave(factor, 0).repeat_interleave(factor, 1)
