@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from oasis_ldm.data.dataset import OasisH5Dataset
+from oasis_ldm.data.masks import decode_mask, pair_input, split_output, to_labels
 from oasis_ldm.data.transforms import to_float, to_uint8
 from oasis_ldm.loading import load_frozen_vae
 from oasis_ldm.metrics import (
@@ -43,7 +44,7 @@ from oasis_ldm.metrics import (
     paired_figures,
     summarise_neighbour_ssim,
 )
-from oasis_ldm.segmentation import SegmenterTraining, evaluate_segmentation
+from oasis_ldm.segmentation import SegmenterTraining, evaluate_segmentation, pairwise_dice
 
 PROVENANCE = ("checkpoint", "checkpoint_sha256", "checkpoint_step", "sampler", "steps", "eta", "seed")
 PICTURE_SIDE = 256  # smaller slices are enlarged by a whole factor in the pictures, so anatomy shows
@@ -112,18 +113,28 @@ def evaluate_reconstruction(
     vae_ckpt: str | Path, data: str | Path, split: str, *, batch_size: int = 32, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """PSNR / SSIM / MS-SSIM of the VAE's reconstructions (posterior mean) over a split,
-    over the whole image and inside the brain."""
+    over the whole image and inside the brain; for a paired VAE also `mask_dice`, the mean
+    per-slice Dice of its decoded masks against the real ones (CSF, grey and white matter)."""
     vae, meta = load_frozen_vae(vae_ckpt, device)
     size = meta["config"].data.image_size
     images = load_split(data, split, size)
+    paired = vae.in_channels > 1
+    if paired and not has_masks(images):
+        raise EvaluationError(f"{data}: split {split!r} has no masks, which the paired autoencoder encodes")
     meter = ReconstructionMeter(ms_ssim_scales=ms_ssim_scales(size))
+    real_masks, decoded_masks = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="reconstruction", unit="batch"):
         rows = list(range(start, min(start + batch_size, len(images))))
-        real = images.read_raw(rows)
-        meter.update(real, reconstruct(vae, real, device), real_regions(images, rows, real))
+        real, masks = images.read_raw(rows), images.read_raw(rows, mask=True) if paired else None
+        recon, decoded = reconstruct(vae, real, device, masks)
+        meter.update(real, recon, real_regions(images, rows, real))
+        if paired:
+            real_masks.append(masks)
+            decoded_masks.append(decoded)
     spread = torch.linspace(0, len(images) - 1, min(8, len(images))).round().long().tolist()  # cases, levels
     shown = images.read_raw(spread)
-    picture = side_by_side(shown, reconstruct(vae, shown, device), real_regions(images, spread, shown))
+    recon = reconstruct(vae, shown, device, images.read_raw(spread, mask=True) if paired else None)[0]
+    picture = side_by_side(shown, recon, real_regions(images, spread, shown))
     report = {
         **meter.compute(),
         "region": region_rule(images),
@@ -131,13 +142,25 @@ def evaluate_reconstruction(
         "image_size": size,
         "ms_ssim_scales": ms_ssim_scales(size),
     }
+    if paired:
+        report["mask_dice"] = pairwise_dice(to_labels(torch.cat(decoded_masks)), to_labels(torch.cat(real_masks)))
     report.update(checkpoint=meta["path"], checkpoint_sha256=meta["sha256"], checkpoint_step=meta["step"])
     return report, picture
 
 
-def reconstruct(vae: torch.nn.Module, real: torch.Tensor, device: str | torch.device) -> torch.Tensor:
-    """uint8 in, uint8 out: the decoded posterior mean, as a user would see the image."""
-    return to_uint8(vae(to_float(real).to(device), sample_posterior=False)[0].clamp(-1, 1)).cpu()
+def reconstruct(
+    vae: torch.nn.Module, real: torch.Tensor, device: str | torch.device, masks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 in, uint8 out: the decoded posterior mean, as a user would see the image; a paired
+    VAE also reads the slices' masks and gives back its decoded masks (else None)."""
+    x = to_float(real).to(device)
+    if masks is not None:
+        x = pair_input(x, masks.to(device))
+    out = vae(x, sample_posterior=False)[0]
+    if masks is None:
+        return to_uint8(out.clamp(-1, 1)).cpu(), None
+    image, logits = split_output(out)
+    return to_uint8(image.clamp(-1, 1)).cpu(), decode_mask(logits).cpu()
 
 
 def read_samples(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -324,3 +324,14 @@ def test_segmentation_needs_paired_samples_and_says_so(tmp_path, tiny_paired_h5,
     one_line_error(out, "split 'train' has no masks")
     out = evaluate("--data", tiny_h5, "--vae-ckpt", "x", "--segmentation", "--out", tmp_path / "r.json")
     assert out.returncode == 2 and "--segmentation needs --samples" in out.stderr
+
+
+def test_a_paired_autoencoder_is_judged_on_its_slices_and_masks(tmp_path, tiny_paired_h5, tiny_paired_ldm):
+    """A paired VAE encodes slice + mask: the report scores its slices and its decoded masks."""
+    vae = tiny_paired_ldm.parent / "vae"
+    out = evaluate("--data", tiny_paired_h5, "--split", "test", "--vae-ckpt", vae, "--out", tmp_path / "r.json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["region"] == "masks" and 0 < report["ssim_brain"] <= 1
+    assert 0 <= report["mask_dice"] <= 1
+    assert (tmp_path / "r.png").exists()

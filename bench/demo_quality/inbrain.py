@@ -53,7 +53,7 @@ def evaluate(vae_ckpt: str, data: str, split: str = "test", png: str | None = No
     for a in range(0, len(ds), 32):
         idx = range(a, min(a + 32, len(ds)))
         real, mask = ds.read_raw(idx), ds.read_raw(idx, mask=True)
-        out = inbrain(real, reconstruct(vae, real, "cpu"), mask)
+        out = inbrain(real, reconstruct(vae, real, "cpu")[0], mask)
         for k, v in out.items():
             vals.setdefault(k, []).append(v)
     v = {k: torch.cat(x).double() for k, x in vals.items()}
@@ -76,7 +76,7 @@ def evaluate(vae_ckpt: str, data: str, split: str = "test", png: str | None = No
 
         spread = torch.linspace(0, len(ds) - 1, 8).round().long().tolist()
         shown = ds.read_raw(spread)
-        grid = side_by_side(shown, reconstruct(vae, shown, "cpu"))
+        grid = side_by_side(shown, reconstruct(vae, shown, "cpu")[0])
         save_image(grid.float() / 255, png)
     return rep
 

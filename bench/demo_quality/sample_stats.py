@@ -86,7 +86,7 @@ def main() -> None:
         size = meta["config"].data.image_size
         test = OasisH5Dataset(a.data, "test", in_memory=True, image_size=size, raw=True)
         real = test.read_raw(range(len(test)))
-        rec = torch.cat([reconstruct(vae, real[i : i + 32], "cpu") for i in range(0, len(real), 32)])
+        rec = torch.cat([reconstruct(vae, real[i : i + 32], "cpu")[0] for i in range(0, len(real), 32)])
         out.update({f"recon_{k}": v for k, v in compare(rec, real).items()})
     print(json.dumps(out))
 
