@@ -263,7 +263,6 @@ def test_picture_enlarges_small_slices_and_outlines_the_real_brain():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_samples_report_is_the_same_on_cpu_and_gpu(tmp_path, masked_h5, tiny_h5):
     """cuDNN's default TF32 convolutions would move SSIM by up to 0.007 per image; the report must not move."""
     samples = write_samples(tmp_path / "samples.h5", blob_images(6, 32, seed=5))

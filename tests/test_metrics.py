@@ -366,7 +366,6 @@ def test_metrics_compute_without_tf32_and_restore_the_setting(tf32_on, monkeypat
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_figures_are_the_same_on_cpu_and_gpu(tf32_on):
     """TF32 convolutions (operands rounded to 10 mantissa bits, simulated on the CPU) move per-image
     SSIM by up to 0.007 on demo slices; plain float32 on both devices agrees to about 1e-6."""

@@ -38,13 +38,19 @@ KEYS = ("mean", "std")
 FLIP_KEYS = ("flip_mean", "flip_std")  # the posteriors of the mirrored slices
 
 
+def stored_keys(flips: bool) -> tuple[str, ...]:
+    """The datasets of a cache: the posteriors, and with `flips` those of the mirrored slices."""
+    return KEYS + FLIP_KEYS if flips else KEYS
+
+
 @torch.no_grad()
 def _encode_part(path: Path, rows_total: int, encode: Encode, env: DistEnv, flips: bool) -> None:
     rows = list(range(env.rank, rows_total, env.world_size))
     with h5py.File(path, "w") as f:
         for i in tqdm(range(0, len(rows), ENCODE_BATCH), desc="latent cache", disable=not env.is_main):
-            for flip, keys in ((False, KEYS), (True, FLIP_KEYS))[: 2 if flips else 1]:
-                posterior = encode(rows[i : i + ENCODE_BATCH], flip)
+            for mirrored in (False, True) if flips else (False,):
+                posterior = encode(rows[i : i + ENCODE_BATCH], mirrored)
+                keys = FLIP_KEYS if mirrored else KEYS
                 for key, t in zip(keys, (posterior.mean, posterior.std), strict=True):
                     value = t.half().cpu().numpy()
                     if key not in f:
@@ -67,8 +73,8 @@ def _merge(parts: list[Path], out: Path, n: int, made_by: dict[str, str | int]) 
 
 def fingerprint(images: OasisH5Dataset, made_by: dict[str, str], flips: bool = False) -> dict[str, str | int]:
     """What the cache's content depends on, stored as its attributes."""
-    out = {**made_by, "split": images.split, "image_size": int(images.size[0]), "rows": len(images)}
-    return {**out, "flips": int(flips)}
+    split, size, rows = images.split, int(images.size[0]), len(images)
+    return {**made_by, "split": split, "image_size": size, "rows": rows, "flips": int(flips)}
 
 
 def is_current(path: Path, expected: dict[str, str | int]) -> bool:
@@ -76,7 +82,7 @@ def is_current(path: Path, expected: dict[str, str | int]) -> bool:
     try:
         with h5py.File(path, "r", locking=False) as f:
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-            keys = KEYS + (FLIP_KEYS if expected.get("flips") else ())
+            keys = stored_keys(bool(expected.get("flips")))
             complete = all(k in f and len(f[k]) == expected["rows"] for k in keys)
     except (OSError, KeyError):
         return False
@@ -112,7 +118,7 @@ class LatentDataset(Dataset):
 
     def __init__(self, path: Path) -> None:
         with h5py.File(path, "r", locking=False) as f:
-            keys = KEYS + (FLIP_KEYS if all(k in f for k in FLIP_KEYS) else ())
+            keys = stored_keys(all(k in f for k in FLIP_KEYS))
             self.tensors = [torch.from_numpy(f[k][:]) for k in keys]
 
     @property

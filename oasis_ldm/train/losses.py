@@ -63,10 +63,15 @@ def _ssim_fp32(x: torch.Tensor, y: torch.Tensor, data_range: float, size: int, s
 def ssim_loss(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """1 - SSIM on [-1, 1] images (Gaussian window 11, sigma 1.5); with `weight` (B, 1, H, W)
     the SSIM map is averaged with those pixel weights instead of uniformly."""
-    smap = ssim_map(recon, target, data_range=2.0)
+    return 1.0 - weighted_mean(ssim_map(recon, target, data_range=2.0), weight)
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a (B, C, H, W) loss map, with (B, 1, H, W) pixel weights shared by its channels
+    (`brain_weight`), or uniform when `weight` is None."""
     if weight is None:
-        return 1.0 - smap.mean()
-    return 1.0 - (smap * weight).sum() / (weight.sum() * smap.shape[1])
+        return values.mean()
+    return (values * weight).sum() / (weight.sum() * values.shape[1])
 
 
 def brain_weight(target: torch.Tensor, extra: float) -> torch.Tensor | None:

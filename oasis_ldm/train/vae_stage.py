@@ -31,7 +31,7 @@ from oasis_ldm.models import build_discriminator, build_vae, generator_adv_loss,
 from oasis_ldm.rng import Stream
 from oasis_ldm.train.augment import Batch, prepare_batch
 from oasis_ldm.train.context import StepContext
-from oasis_ldm.train.losses import brain_weight, soft_dice_loss, ssim_loss
+from oasis_ldm.train.losses import brain_weight, soft_dice_loss, ssim_loss, weighted_mean
 
 
 @contextlib.contextmanager
@@ -78,9 +78,8 @@ class VAEStage:
             out, posterior = wrapped["vae"](b.model_input(), noise=noise)
             recon, logits = split_output(out) if b.masks is not None else (out, None)
             w = brain_weight(x, v.brain_weight)
-            l1_map = (recon.float() - x).abs()
             terms = {
-                "l1": l1_map.mean() if w is None else (l1_map * w).sum() / (w.sum() * x.shape[1]),
+                "l1": weighted_mean((recon.float() - x).abs(), w),
                 "ssim": ssim_loss(recon, x, w),
                 "kl": posterior.kl().float().mean(),
             }
