@@ -12,6 +12,7 @@ Unknown sections or keys are errors: a typo must never silently train the wrong 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,6 +342,69 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: must be >= 1")
     if cfg.train.micro_batch < 0:
         raise ConfigError(f"train.micro_batch={cfg.train.micro_batch}: must be >= 0 (0 = each rank's whole share)")
+    _check_numbers(cfg)
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every float finite, and each number in the range its code assumes.
+
+    A NaN rate trains nothing and says nothing, a negative one climbs the loss, `--eta nan`
+    samples black images, and a zero interval divides by zero hours into a run: refused here,
+    so the trainer, the launcher (which validates before submitting) and a resume agree.
+    """
+    for section in dataclasses.fields(cfg):
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{section.name}.{key}={item}: must be a finite number")
+    t, v, d = cfg.train, cfg.vae, cfg.diffusion
+    ranges = {
+        # key: (value, low, low included, high, high included)
+        "train.lr": (t.lr, 0, False, None, False),
+        "train.disc_lr": (t.disc_lr, 0, False, None, False),
+        "train.weight_decay": (t.weight_decay, 0, True, None, False),
+        "train.grad_clip": (t.grad_clip, 0, True, None, False),  # 0: no clipping
+        "train.lr_min_factor": (t.lr_min_factor, 0, True, 1, True),
+        "train.ema_decay": (t.ema_decay, 0, True, 1, False),
+        "train.warmup_steps": (t.warmup_steps, 0, True, None, False),
+        "train.snapshot_every": (t.snapshot_every, 1, True, None, False),
+        "train.keep_snapshots": (t.keep_snapshots, 1, True, None, False),  # what a damaged last.pt falls back to
+        "train.image_every": (t.image_every, 1, True, None, False),
+        "train.num_log_images": (t.num_log_images, 1, True, None, False),
+        "data.image_size": (cfg.data.image_size, 1, True, None, False),
+        "data.num_workers": (cfg.data.num_workers, 0, True, None, False),
+        "diffusion.beta_start": (d.beta_start, 0, False, 1, False),
+        "diffusion.beta_end": (d.beta_end, 0, False, 1, False),
+        "diffusion.eta": (d.eta, 0, True, None, False),
+        "diffusion.sample_steps": (d.sample_steps, 1, True, d.timesteps, True),
+        "vae.disc_start": (v.disc_start, 0, True, None, False),
+    }
+    ranges |= {f"train.betas[{i}]": (b, 0, True, 1, False) for i, b in enumerate(t.betas)}
+    weights = (
+        "l1_weight",
+        "ssim_weight",
+        "kl_weight",
+        "brain_weight",
+        "mask_ce_weight",
+        "mask_dice_weight",
+        "adv_weight",
+    )
+    ranges |= {f"vae.{w}": (getattr(v, w), 0, True, None, False) for w in weights}
+    for key, (value, low, low_in, high, high_in) in ranges.items():
+        if (
+            value < low
+            or (value == low and not low_in)
+            or (high is not None and (value > high or (value == high and not high_in)))
+        ):
+            raise ConfigError(f"{key}={value}: must be {_range_text(low, low_in, high, high_in)}")
+    if d.schedule == "linear" and d.beta_start >= d.beta_end:
+        raise ConfigError(f"diffusion.beta_start={d.beta_start} must be below diffusion.beta_end={d.beta_end}")
+
+
+def _range_text(low: float, low_in: bool, high: float | None, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
