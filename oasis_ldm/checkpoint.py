@@ -34,10 +34,35 @@ def snapshot_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
+class _KeepsWriteError:
+    """A file whose `write` remembers the OSError it raised: torch.save turns a failed write (a
+    full disk) into an assertion about zip positions, without the system's reason."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """Write `obj` to `path` so that readers see the old file or the whole new one."""
+    """Write `obj` to `path` so that readers see the old file or the whole new one; a failed
+    write raises its OSError (ENOSPC, EDQUOT, ...), with the temp file removed."""
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = _KeepsWriteError(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def verify(data: bytes, path: Path) -> None:

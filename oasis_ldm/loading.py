@@ -24,11 +24,19 @@ from oasis_ldm.sampling.pipeline import Pipeline
 def read_checkpoint(path_or_run: str | Path, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A checkpoint of `stage` (file or run directory): (its content, metadata).
 
-    The metadata {"path", "sha256", "step", "config"} is what outputs record about the
-    model that made them. The wrong stage is a CheckpointError naming both.
+    The metadata {"path", "sha256", "step", "config", "note"} is what outputs record about the
+    model that made them. A run directory whose last.pt is damaged gives its newest good
+    snapshot, as a resume does, and `note` says so (None otherwise). The wrong stage is a
+    CheckpointError naming both.
     """
-    path = checkpoint.resolve(path_or_run)
-    saved = checkpoint.load(path)
+    path, note = Path(path_or_run), None
+    found = checkpoint.find_latest(path / "checkpoints") if path.is_dir() else None
+    if found is not None:
+        path, saved = found.path, found.state
+        note = found.note and found.note.replace("; resuming from ", "; using ")
+    else:
+        path = checkpoint.resolve(path_or_run)
+        saved = checkpoint.load(path)
     if saved["stage"] != stage:
         found = saved["stage"]
         message = f"this is the {found} stage's checkpoint; the {stage} stage's is needed"
@@ -38,6 +46,7 @@ def read_checkpoint(path_or_run: str | Path, stage: str) -> tuple[dict[str, Any]
         "sha256": checkpoint.file_sha256(path),
         "step": int(saved["step"]),
         "config": from_dict(saved["config"]),
+        "note": note,
     }
     return saved, meta
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from oasis_ldm import outputs
 from oasis_ldm.checkpoint import CheckpointError
 from oasis_ldm.config import ConfigError, load_config, presets
 from oasis_ldm.data.schema import SchemaError
@@ -29,6 +30,7 @@ USER_ERRORS = (
     DeviceError,
     PeerError,
     FileNotFoundError,
+    outputs.OutputError,
 )
 
 
@@ -60,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"oasis_ldm.train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except OSError as e:  # a write the loop does not name (TensorBoard's events): the disk, or the folder
+        if e.errno not in outputs.DISK_ERRNOS:
+            raise
+        where = e.filename or args.run_dir
+        print(f"oasis_ldm.train: error: {outputs.write_failed(where, e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # before the loop took over Ctrl-C: nothing was trained or written
         print("oasis_ldm.train: interrupted while starting", file=sys.stderr)
         return 130

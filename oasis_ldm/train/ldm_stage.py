@@ -3,7 +3,9 @@
 The latents are scaled by `1 / std(z)` so the diffusion sees unit variance whatever the
 autoencoder's KL weight made of them. The factor is measured once, on rank 0, over a fixed
 sample of training latents, broadcast, and kept in every checkpoint together with the VAE's
-path, checksum, config and weights, so sampling needs nothing but the ldm checkpoint.
+path, checksum, config and weights, so sampling needs nothing but the ldm checkpoint, and a
+resume encodes with the autoencoder its checkpoint holds, even where the file at ldm.vae_ckpt
+has since been trained further (`load_state`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import torch
 from torch import nn
 
 from oasis_ldm import checkpoint
-from oasis_ldm.config import Config, to_dict
+from oasis_ldm.config import Config, from_dict, to_dict
 from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.transforms import to_float
 from oasis_ldm.diffusion import GaussianDiffusion
 from oasis_ldm.distributed import DistEnv, barrier, broadcast
 from oasis_ldm.loading import load_frozen_vae
-from oasis_ldm.models import DiagonalGaussian, UNet
+from oasis_ldm.models import DiagonalGaussian, UNet, build_vae
 from oasis_ldm.rng import Stream, generator, image_seed
 from oasis_ldm.sampling.pipeline import Pipeline
 from oasis_ldm.train.augment import Batch, flip_rows, prepare_batch
@@ -40,9 +42,10 @@ class LDMStage:
         if not cfg.ldm.vae_ckpt:
             raise checkpoint.CheckpointError("ldm.vae_ckpt is not set: pass --set ldm.vae_ckpt=<vae run dir or .pt>")
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
-        self.vae_path = checkpoint.resolve(cfg.ldm.vae_ckpt).resolve()
-        self.vae_sha256 = checkpoint.file_sha256(self.vae_path)
-        self.vae, vae_meta = load_frozen_vae(self.vae_path, env.device)
+        self.vae, vae_meta = load_frozen_vae(cfg.ldm.vae_ckpt, env.device)  # a damaged last.pt: its newest snapshot
+        if vae_meta.get("note") and env.is_main:
+            print(f"[oasis-ldm] warning: ldm.vae_ckpt: {vae_meta['note']}", flush=True)
+        self.vae_path, self.vae_sha256 = Path(vae_meta["path"]), vae_meta["sha256"]
         self.vae_cfg = vae_meta["config"]
         self.latent_size = cfg.data.image_size // self.vae.factor  # preflight checked that it fits the U-Net
         unet = UNet(cfg.unet, in_channels=self.vae.latent_channels).to(env.device)
@@ -171,9 +174,22 @@ class LDMStage:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Resume with the checkpoint's scale factor and autoencoder: the latents the U-Net learnt.
+
+        Where the file at ldm.vae_ckpt changed since (its vae run trained further), the weights
+        the checkpoint holds replace the file's, so the run continues as it began.
+        """
         if state["vae_sha256"] != self.vae_sha256:
-            raise checkpoint.CheckpointError(
-                f"{self.vae_path} changed since this run started (checksum differs from the checkpoint's); "
-                "an ldm run must keep the autoencoder it was trained with"
-            )
+            if self.env.is_main:
+                print(
+                    f"[oasis-ldm] {self.vae_path} is not the autoencoder this run trains with (sha256 "
+                    f"{self.vae_sha256[:12]}, not {state['vae_sha256'][:12]}: trained further?): continuing with the "
+                    f"one its checkpoint holds ({state['vae_path']})",
+                    flush=True,
+                )
+            vae = build_vae(from_dict(state["vae_config"]))
+            vae.load_state_dict(state["vae_weights"])
+            self.vae = vae.to(self.env.device).eval().requires_grad_(False)
+            self.vae_cfg, self.vae_sha256 = from_dict(state["vae_config"]), state["vae_sha256"]
+            self.vae_path = Path(state["vae_path"])
         self.scale_factor = float(state["scale_factor"])

@@ -9,6 +9,9 @@ refused in one line naming the holder, unless the holder is gone:
 - the same SLURM job id: this is that job requeued (preempted, timed out, or a node lost);
 - the same host and its pid is no longer running (SIGKILL, an OOM kill, a crash);
 - no heartbeat for `STALE_AFTER_S` seconds (a lost node, a process frozen for good).
+A `lock` that is a folder, or a file whose content is not such a record, was not made here:
+it is refused in one line and left alone. The launcher and every rank check the lock before a
+start (`check_free`), without touching it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,60 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, someone else's
         return True
     return True
+
+
+HOLDER_KEYS = ("host", "pid", "heartbeat")
+WRITE_WAIT_S = 2.0  # how long an empty lock file may take to get its content (one write, microseconds)
+
+
+def read_holder(path: Path) -> dict[str, Any] | None:
+    """The holder's record; None while it is being written (empty, or the start of our JSON).
+
+    FileNotFoundError when there is no lock; StartError when `path` is not a lock file of this
+    project (a folder, or other content): refused, never deleted.
+    """
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise StartError(
+            f"{path}: is not this project's lock file (a folder?); if no trainer uses {path.parent}, remove it"
+        )
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise StartError(f"{path}: unreadable lock file ({e.strerror or e})") from None
+    if not text.strip() or (text.lstrip().startswith('{"host"') and not text.rstrip().endswith("}")):
+        return None  # a trainer between creating the file and writing its one line
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = None
+    if not isinstance(holder, dict) or any(k not in holder for k in HOLDER_KEYS):
+        shown = " ".join(text.split())[:40]
+        raise StartError(
+            f"{path}: not a lock file of this project (it holds {shown!r}); if no trainer uses {path.parent}, delete it"
+        )
+    return holder
+
+
+def in_use(path: Path, holder: dict[str, Any], now: float) -> StartError:
+    beat = now - float(holder.get("heartbeat", now))
+    return StartError(
+        f"{path.parent} is in use by {describe(holder)} (heartbeat {beat:.0f} s ago): wait for it or stop it; "
+        f"if it is gone, its lock expires {STALE_AFTER_S:.0f} s after its last heartbeat (or delete {path})"
+    )
+
+
+def check_free(run_dir: Path) -> None:
+    """Refuse a start on a run directory that a live trainer holds, as `acquire` would, without
+    touching the lock (the launcher checks before it submits, every rank before it starts)."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        holder = read_holder(path)
+    except FileNotFoundError:
+        return
+    if holder is not None and gone_because(holder, time.time()) is None:
+        raise in_use(path, holder, time.time())
 
 
 def describe(holder: dict[str, Any]) -> str:
@@ -83,14 +140,11 @@ class RunLock:
         return json.dumps(holder) + "\n"
 
     def _read(self) -> dict[str, Any] | None:
-        """The holder's record; None when unreadable (a holder killed while creating it)."""
-        try:
-            holder = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError):
-            return None
-        return holder if isinstance(holder, dict) else None
+        """The holder's record (see `read_holder`); while it is being written, waits for it a moment."""
+        deadline = time.monotonic() + WRITE_WAIT_S
+        while (holder := read_holder(self.path)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return holder
 
     def acquire(self) -> str | None:
         """Take the lock or raise StartError naming its holder; returns a note when one was taken over."""
@@ -118,19 +172,14 @@ class RunLock:
         except FileNotFoundError:
             return None  # released meanwhile: try again
         now = time.time()
-        if holder is None:
+        if holder is None:  # still empty: its trainer died between creating it and writing it, or is frozen
             if age <= STALE_AFTER_S:
                 raise StartError(f"{self.path.parent} is being started by another trainer (lock file being written)")
-            reason, who = f"an unreadable lock file untouched for {age:.0f} s", "an unknown holder"
+            reason, who = f"an empty lock file untouched for {age:.0f} s", "an unknown holder"
         else:
             reason, who = gone_because(holder, now), describe(holder)
             if reason is None:
-                beat = now - float(holder.get("heartbeat", now))
-                raise StartError(
-                    f"{self.path.parent} is in use by {who} (heartbeat {beat:.0f} s ago): wait for it or stop it; "
-                    f"if it is gone, its lock expires {STALE_AFTER_S:.0f} s after its last heartbeat "
-                    f"(or delete {self.path})"
-                )
+                raise in_use(self.path, holder, now)
         # Rename, then delete: of two trainers taking over at once, one rename wins.
         grave = self.path.with_name(f"{LOCK_NAME}.stale.{socket.gethostname()}.{os.getpid()}")
         try:
@@ -152,7 +201,7 @@ class RunLock:
         """A fresh heartbeat, atomically, and only while the lock is still ours."""
         try:
             holder = self._read()
-        except FileNotFoundError:
+        except (FileNotFoundError, StartError):
             return
         if holder is None or holder.get("token") != self.token:
             return
@@ -165,7 +214,7 @@ class RunLock:
             self._thread.join(timeout=5)
         try:
             holder = self._read()
-        except FileNotFoundError:
+        except (FileNotFoundError, StartError):
             return
         if holder is not None and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)

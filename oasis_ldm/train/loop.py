@@ -13,6 +13,7 @@ blocks its corrected rerun.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from oasis_ldm import checkpoint
+from oasis_ldm import checkpoint, outputs
 from oasis_ldm.config import Config, canonical, to_dict
 from oasis_ldm.distributed import (
     DistEnv,
@@ -36,7 +37,7 @@ from oasis_ldm.distributed import (
 )
 from oasis_ldm.lr import lr_factor
 from oasis_ldm.threads import configure_threads
-from oasis_ldm.train import preflight, rundir
+from oasis_ldm.train import inputs, preflight, rundir
 from oasis_ldm.train.context import Stage, StepContext
 from oasis_ldm.train.lock import RunLock
 from oasis_ldm.train.order import BatchPlan, ResumableSampler, plan_batches
@@ -77,14 +78,16 @@ def train(stage: str, cfg: Config, run_dir: str | Path) -> int:
 
 
 def _train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: int) -> int:
-    on_every_rank(lambda: preflight.check_start(stage_name, cfg, run_dir, world_size=env.world_size))
+    checked = on_every_rank(lambda: preflight.check_start(stage_name, cfg, run_dir, world_size=env.world_size))
+    for line in checked.notes:
+        say(env, line)
     created = not run_dir.exists()
     lock = RunLock(run_dir) if env.is_main else None
     note = on_rank0(lambda: lock.acquire())
     if note:
         say(env, note)
     try:
-        return _locked_train(stage_name, cfg, run_dir, env, threads)
+        return _locked_train(stage_name, checked.cfg, run_dir, env, threads, checked.given)
     finally:
         if lock is not None:
             lock.release()
@@ -93,7 +96,9 @@ def _train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: i
                     run_dir.rmdir()  # a failed first start leaves no empty run directory behind
 
 
-def _locked_train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: int) -> int:
+def _locked_train(
+    stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: int, given: dict[str, str]
+) -> int:
     # Build the stage and what its steps change.
     plan = plan_batches(cfg.train.batch_size, env.world_size, cfg.train.micro_batch)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -108,9 +113,11 @@ def _locked_train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, thr
     if pos.step == 0:
         stage.initialise()
     # Record the start, then train.
-    if env.is_main:
-        start = rundir.Start(stage_name, env.world_size, pos.step, threads, changes, replaced)
-        rundir.record(run_dir, cfg, start)
+    on_rank0(
+        lambda: record_start(
+            run_dir, cfg, rundir.Start(stage_name, env.world_size, pos.step, threads, changes, replaced), stage, given
+        )
+    )
     say(env, f"{stage_name}: {run_dir} | {plan.describe()} | steps {pos.step + 1}..{cfg.train.max_steps}")
     state.wrap(env, cfg)
     logger = TrainLogger(run_dir, enabled=env.is_main, first_step=pos.step + 1, max_steps=cfg.train.max_steps)
@@ -126,6 +133,14 @@ def _locked_train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, thr
     return state.pos.step
 
 
+def record_start(run_dir: Path, cfg: Config, start: rundir.Start, stage: Stage, given: dict[str, str]) -> None:
+    """Rank 0: config.yaml, and this start in run.json with its inputs' paths and identities
+    (the autoencoder's checksum is the one the stage encodes with)."""
+    held = inputs.record_of(start.stage, cfg, given, vae_sha256=getattr(stage, "vae_sha256", None))
+    with outputs.writing(run_dir / "run.json"):
+        rundir.record(run_dir, cfg, dataclasses.replace(start, inputs=held))
+
+
 def resume_or_start(
     state: TrainState, cfg: Config, run_dir: Path, env: DistEnv
 ) -> tuple[list[preflight.Change], list[preflight.Change]]:
@@ -139,7 +154,7 @@ def resume_or_start(
         return [], on_rank0(lambda: fresh_start(run_dir, cfg, env))
     if found.note:
         say(env, f"warning: {found.note}")
-    changes = on_every_rank(lambda: resume_changes(found.state, cfg, run_dir))
+    changes = on_every_rank(lambda: resume_changes(state.stage.name, found.state, cfg, run_dir))
     state.load_state_dict(found.state)
     say(env, f"resumed {state.stage.name} from step {state.pos.step} of {found.path.name}")
     return changes, []
@@ -150,11 +165,10 @@ def fresh_start(run_dir: Path, cfg: Config, env: DistEnv) -> list[preflight.Chan
 
     Returns how this config differs from the one the directory held (recorded in run.json).
     """
-    stale = rundir.stale_outputs(run_dir)
-    if stale:
-        say(env, f"{run_dir} holds no checkpoint: starting at step 1 and removing {len(stale)} old outputs "
-                 "(TensorBoard events, image grids) of the run that was there")  # fmt: skip
-        rundir.purge(stale)
+    if (run_dir / "run.json").exists():
+        removed = rundir.purge_outputs(run_dir)
+        say(env, f"{run_dir} holds no checkpoint: starting at step 1 and removing the {removed} outputs "
+                 "(TensorBoard events, image grids) that run.json lists for the run that was there")  # fmt: skip
     old = preflight.saved_config(run_dir)
     if old is None:
         return []
@@ -183,11 +197,14 @@ def resume_point(ckpt_dir: Path, env: DistEnv) -> checkpoint.Found | None:
     return checkpoint.Found(path, data, checkpoint.parse(data, path))
 
 
-def resume_changes(saved: dict[str, Any], cfg: Config, run_dir: Path) -> list[preflight.Change]:
-    """The checkpoint's own config decides what this resume may change (config.yaml may be gone)."""
-    allowed, refused = preflight.config_changes(canonical(saved["config"]), to_dict(cfg))
+def resume_changes(stage: str, saved: dict[str, Any], cfg: Config, run_dir: Path) -> list[preflight.Change]:
+    """The checkpoint's own config decides what this resume may change (config.yaml may be gone);
+    an ldm checkpoint's autoencoder checksum is the one a moved ldm.vae_ckpt must have."""
+    old = canonical(saved["config"])
+    allowed, refused = preflight.config_changes(old, to_dict(cfg))
     preflight.refuse_changes(run_dir, refused)
-    return allowed
+    vae_sha256 = (saved.get("extra") or {}).get("vae_sha256")
+    return allowed + preflight.input_changes(stage, old, cfg, run_dir, vae_sha256)
 
 
 def make_loader(stage: Stage, plan: BatchPlan, cfg: Config, env: DistEnv) -> tuple[DataLoader, ResumableSampler]:
@@ -345,14 +362,24 @@ class Meter:
 
 
 def save(run_dir: Path, state: TrainState, cfg: Config, env: DistEnv) -> None:
-    """Rank 0 writes last.pt (and a snapshot when due); every rank waits for it."""
-    if env.is_main:
+    """Rank 0 writes last.pt (and a snapshot when due); every rank waits for it, and gets its
+    error: a failed save (a full disk) stops every rank with rank 0's one line, none hangs."""
+
+    def write() -> None:
         content = state.state_dict(cfg, env)
         ckpt_dir, step = run_dir / "checkpoints", state.pos.step
-        checkpoint.atomic_save(content, ckpt_dir / checkpoint.LAST)
+        # A full disk: one line, the temp file removed, the previous last.pt whole; the same
+        # command resumes from it once there is space.
+        advice = "free space and rerun the same command (it resumes from the last checkpoint, which is whole)"
+        names = [checkpoint.LAST]
         if step % cfg.train.snapshot_every == 0 or step == cfg.train.max_steps:
-            checkpoint.atomic_save(content, ckpt_dir / checkpoint.snapshot_name(step))
-            checkpoint.prune_snapshots(ckpt_dir, cfg.train.keep_snapshots)
+            names.append(checkpoint.snapshot_name(step))
+        for name in names:
+            with outputs.writing(ckpt_dir / name, advice):
+                checkpoint.atomic_save(content, ckpt_dir / name)
+        checkpoint.prune_snapshots(ckpt_dir, cfg.train.keep_snapshots)
+
+    on_rank0(write)
     barrier()
 
 

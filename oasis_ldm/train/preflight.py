@@ -4,23 +4,27 @@ A start that failed after writing config.yaml and run.json used to block its cor
 ("holds a run with another config"). So everything that can be checked from the files is
 checked first, by the trainer on every rank and by launch/train.py before it submits: the
 data file and split, the autoencoder an ldm run encodes with, and whether the run directory
-accepts this start. A run directory without a checkpoint accepts anything: nothing in it can
-be resumed. One with a checkpoint accepts the same stage and config, except the keys in
-`MAY_CHANGE`, which steer the run without changing the model it trains.
+accepts this start: it is one of this project's run directories (or new, or empty), its fixed
+paths have the right kind, it can be written, and no live trainer holds it. A run directory
+without a checkpoint accepts anything: nothing in it can be resumed. One with a checkpoint
+accepts the same stage and config, except the keys in `MAY_CHANGE`, which steer the run
+without changing the model it trains, and input paths that name the same content elsewhere
+(inputs.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from oasis_ldm import checkpoint
+from oasis_ldm import checkpoint, outputs
 from oasis_ldm.config import Config, canonical, to_dict
 from oasis_ldm.data import schema
+from oasis_ldm.train import inputs
 from oasis_ldm.train.order import BatchError, plan_batches
 
 # (section, key) that a resume may change: rates (the NaN guard's advice is to lower train.lr),
@@ -54,17 +58,21 @@ class Change:
     key: str  # section.key
     old: Any
     new: Any
+    why: str = ""  # why a change of this key is allowed here (an input moved: same content)
 
     def __str__(self) -> str:
-        return f"{self.key}: {self.old!r} -> {self.new!r}"
+        return f"{self.key}: {self.old!r} -> {self.new!r}" + (f" ({self.why})" if self.why else "")
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], list[Change]]:
-    """(allowed, refused) differences between a run's saved config and this start's."""
+    """(allowed, refused) differences between a run's saved config and this start's; the input
+    paths are compared by content instead (`input_changes`)."""
     allowed, refused = [], []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section) or {}, new.get(section) or {}
         for key in sorted(set(a) | set(b)):
+            if f"{section}.{key}" in inputs.KEYS:
+                continue
             if a.get(key) != b.get(key):
                 change = Change(f"{section}.{key}", a.get(key), b.get(key))
                 (allowed if (section, key) in MAY_CHANGE else refused).append(change)
@@ -77,6 +85,19 @@ def refuse_changes(run_dir: Path, refused: list[Change]) -> None:
             f"{run_dir} holds a run with another config: {'; '.join(map(str, refused))} "
             "(a resume may change only rates, max_steps, intervals and worker counts; use a new --run-dir)"
         )
+
+
+def input_changes(
+    stage: str, old: dict[str, Any], cfg: Config, run_dir: Path, vae_sha256: str | None = None
+) -> list[Change]:
+    """The resume's input paths that name the same content elsewhere; StartError for other content."""
+    try:
+        moved = inputs.moves(stage, old, cfg, run_dir, vae_sha256)
+    except inputs.InputMismatch as e:
+        raise StartError(str(e)) from None
+    except (OSError, schema.SchemaError, checkpoint.CheckpointError) as e:
+        raise StartError(" ".join(str(e).split())) from None
+    return [Change(key, before, now, why) for key, before, now, why in moved]
 
 
 def check_data(cfg: Config) -> None:
@@ -152,10 +173,65 @@ def saved_config(run_dir: Path) -> dict[str, Any] | None:
     return values if isinstance(values, dict) else None
 
 
+# Fixed paths of a run directory and their kind; what a start may leave before run.json exists
+# (the launcher's submitit/ folder, a lock, the first files of `rundir.record`).
+RUN_FOLDERS = ("checkpoints", "tb", "images", "submitit")
+RUN_FILES = ("run.json", "config.yaml")
+BEFORE_RUN_JSON = frozenset({"submitit", "lock", "checkpoints", "config.yaml"})
+
+
+def _made_before_run_json(name: str) -> bool:
+    temp = name.startswith(".") and name.endswith(".tmp")  # atomic.py's, of a start killed mid-write
+    return name in BEFORE_RUN_JSON or name.startswith(("lock.stale.", ".oasis-ldm-probe.")) or temp
+
+
+def check_layout(run_dir: Path) -> None:
+    """Refuse a run directory this project did not make, or whose fixed paths have another kind.
+
+    A folder without run.json that holds anything a start would not have left there is someone's
+    own folder: a clean-up there could delete their files, so nothing in it is touched.
+    """
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise StartError(f"--run-dir {run_dir}: exists and is not a directory")
+    for name in RUN_FOLDERS:
+        if (run_dir / name).exists() and not (run_dir / name).is_dir():
+            raise StartError(
+                f"--run-dir {run_dir}: {run_dir / name} is a file where the run keeps its {name}/ folder; move it away"
+            )
+    for name in RUN_FILES:
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise StartError(f"--run-dir {run_dir}: {run_dir / name} is not the run's {name} file; move it away")
+    run_json = run_dir / "run.json"
+    if run_json.exists():
+        try:
+            info = json.loads(run_json.read_text())
+            if not isinstance(info, dict) or not isinstance(info.get("starts"), list):
+                raise ValueError("not a record of starts")
+        except (OSError, ValueError) as e:
+            problem = " ".join(str(e).split())
+            raise StartError(f"{run_json}: unreadable ({problem}); restore it or use a new --run-dir") from None
+    elif not checkpoint.has_checkpoint(run_dir / "checkpoints"):
+        others = sorted(p.name for p in run_dir.iterdir() if not _made_before_run_json(p.name))
+        if others:
+            more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+            raise StartError(
+                f"--run-dir {run_dir}: holds {others[0]!r}{more} but no run.json: not a run directory of this "
+                "project (nothing in it was touched); use a new or empty --run-dir"
+            )
+
+
 def check_run_dir(stage: str, cfg: Config, run_dir: Path) -> list[Change]:
     """Refuse a start the run directory cannot take; return the allowed changes it makes."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise StartError(f"--run-dir {run_dir}: exists and is not a directory")
+    from oasis_ldm.train.lock import check_free  # lock.py raises this module's StartError
+
+    check_layout(run_dir)
+    try:
+        outputs.check_writable(run_dir, "--run-dir")
+    except outputs.OutputError as e:
+        raise StartError(str(e)) from None
+    check_free(run_dir)
     if not checkpoint.has_checkpoint(run_dir / "checkpoints"):
         return []  # nothing to resume: any stage and config may start here
     found = recorded_stage(run_dir)
@@ -166,13 +242,24 @@ def check_run_dir(stage: str, cfg: Config, run_dir: Path) -> list[Change]:
         return []  # the checkpoint's own config is compared when it is loaded
     allowed, refused = config_changes(canonical(old), to_dict(cfg))
     refuse_changes(run_dir, refused)
-    return allowed
+    return allowed + input_changes(stage, canonical(old), cfg, run_dir)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A start that passed every check: its config with absolute input paths, what the command
+    gave for them (run.json records both), the changes a resume makes, and notes to print."""
+
+    cfg: Config
+    given: dict[str, str] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
 
 
 def check_start(
     stage: str, cfg: Config, run_dir: str | Path, *, vae_ready: bool = True, world_size: int | None = None
-) -> list[Change]:
-    """Every check a start can make without writing: raises StartError; the allowed changes.
+) -> Checked:
+    """Every check a start can make without writing: raises StartError, else the checked start.
 
     `vae_ready=False` skips the autoencoder of an ldm run that a job still to run will train
     (launch/train.py --stage all); `world_size`, when known, must split the global batch.
@@ -184,7 +271,12 @@ def check_start(
             plan_batches(cfg.train.batch_size, world_size, cfg.train.micro_batch)
         except BatchError as e:
             raise StartError(str(e)) from None
+    run_dir = Path(run_dir)
+    check_layout(run_dir)  # before anything in it is read
+    resolved = inputs.resolve(stage, cfg, run_dir, resuming=checkpoint.has_checkpoint(run_dir / "checkpoints"))
+    cfg = resolved.cfg
     check_data(cfg)
     if stage == "ldm" and vae_ready:
         check_vae(cfg)
-    return check_run_dir(stage, cfg, Path(run_dir))
+    changes = check_run_dir(stage, cfg, run_dir)
+    return Checked(cfg, resolved.given, changes, resolved.notes)

@@ -3,12 +3,16 @@
 Image grids also land in RUN_DIR/images/ as PNG files, for clusters where TensorBoard is
 out of reach. A resumed run opens its writer with `purge_step` = the first step it will log again, so
 whatever a killed process wrote past its last checkpoint is hidden by TensorBoard and the
-curves neither repeat nor step backwards. Other ranks get a logger that does nothing.
+curves neither repeat nor step backwards. Other ranks get a logger that does nothing. Every
+file written is listed in run.json (`rundir.note_outputs`): the only files a later clean-up
+may remove.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -19,18 +23,21 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from oasis_ldm.atomic import atomic_path
+from oasis_ldm.train import rundir
 
 
 class TrainLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, first_step: int, max_steps: int) -> None:
         self.enabled = enabled
         self.max_steps = max_steps
+        self.run_dir = run_dir
         self.image_dir = run_dir / "images"
         self.writer = None
         if enabled:
             # Also right for a fresh start over the events of a run killed before its first
             # checkpoint: everything from step 1 on is superseded.
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=first_step)
+            self._note_events()
         self._t0 = time.perf_counter()
         self._step0 = first_step - 1
 
@@ -47,6 +54,7 @@ class TrainLogger:
             self.image_dir.mkdir(exist_ok=True)
             name = f"{tag.replace('/', '_')}_{step:08d}.png"
             write_png(grid[0].cpu().numpy(), self.image_dir / name)
+            rundir.note_outputs(self.run_dir, [self.image_dir / name])
 
     def console(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -74,6 +82,12 @@ class TrainLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+            self._note_events()  # add_hparams wrote a file of its own
+
+    def _note_events(self) -> None:
+        """Record this process's event files (TensorBoard names them by host and pid)."""
+        mine = f"events.out.tfevents.*.{socket.gethostname()}.{os.getpid()}.*"
+        rundir.note_outputs(self.run_dir, sorted((self.run_dir / "tb").glob(f"**/{mine}")))
 
 
 def write_png(grey: np.ndarray, path: Path) -> None:
