@@ -7,6 +7,7 @@ launch scripts themselves (submitit pickles them by value) and call the library 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
@@ -76,6 +77,27 @@ def resolve_cluster(args: argparse.Namespace) -> str:
     return args.cluster
 
 
+def check_local_gpus(args: argparse.Namespace, cluster: str) -> None:
+    """Refuse GPUs a local run cannot have: without them its ranks would quietly run on the CPU."""
+    if cluster == "slurm" or not args.gpus_per_node:
+        return
+    import torch  # not for --help or --dry-run
+
+    found = torch.cuda.device_count()
+    if found < args.gpus_per_node:
+        fail(
+            f"--gpus-per-node {args.gpus_per_node} --cluster {cluster}: this machine has {found} CUDA device(s) "
+            "(for CPU ranks use --gpus-per-node 0 --tasks-per-node N)"
+        )
+
+
+def tidy_folder(folder: Path) -> None:
+    """Remove the empty `%j` folder submitit leaves beside the jobs' own folders."""
+    if folder.name == "%j":
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only while empty
+
+
 def tasks_per_node(args: argparse.Namespace) -> int:
     return args.tasks_per_node or max(1, args.gpus_per_node)
 
@@ -128,11 +150,19 @@ def make_executor(args: argparse.Namespace, folder: Path, name: str, cluster: st
     return ex
 
 
+class _ScriptOnly(submitit.SlurmExecutor):
+    """A SLURM executor that only writes script text: it needs no srun (a laptop, a dry run)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 2
+
+
 def sbatch_script(args: argparse.Namespace, folder: Path, name: str, array: int | None = None, **extra: Any) -> str:
-    """The sbatch script submitit would submit for these flags (for --dry-run)."""
-    # AutoExecutor refuses to build a SLURM executor where srun is missing (a laptop, a dry
-    # run), so translate its generic names with submitit's own table and use the SLURM one.
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+    """The sbatch script submitit would submit for these flags (for --dry-run), on any machine."""
+    # AutoExecutor and SlurmExecutor refuse to be built where srun is missing (a laptop, a dry
+    # run), so translate the generic names with submitit's own table and use `_ScriptOnly`.
+    ex = _ScriptOnly(folder=folder, max_num_timeout=args.max_requeues)
     names = submitit.SlurmExecutor._equivalence_dict()
     params = executor_parameters(args, name)
     ex.update_parameters(**{names.get(k, k.removeprefix("slurm_")): v for k, v in params.items()}, **extra)

@@ -23,6 +23,7 @@ from pathlib import Path
 import submitit
 from common import (
     add_cluster_args,
+    check_local_gpus,
     describe,
     fail,
     follow,
@@ -30,12 +31,30 @@ from common import (
     resolve_cluster,
     run_after,
     sbatch_script,
+    tidy_folder,
 )
 
 from oasis_ldm.checkpoint import CheckpointError
 from oasis_ldm.loading import read_checkpoint
-from oasis_ldm.sampling.shards import RequestMismatch, SamplingParams, report_bad, request_for, write_request
-from oasis_ldm.sampling.worker import DefaultsHelpFormatter, add_request_args, check_request_args, params_of
+from oasis_ldm.outputs import OutputError
+from oasis_ldm.sampling.shards import (
+    BadRequest,
+    Request,
+    RequestMismatch,
+    SamplingParams,
+    ShardError,
+    check_out,
+    report_bad,
+    request_for,
+    write_request,
+)
+from oasis_ldm.sampling.worker import (
+    DefaultsHelpFormatter,
+    add_request_args,
+    check_request_args,
+    params_of,
+    say_checkpoint,
+)
 
 
 class SampleJob:
@@ -91,11 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def checkpoint_meta(ckpt: str) -> dict:
-    """Fail before queueing anything if --ckpt is not an ldm checkpoint."""
+    """Fail before queueing anything if --ckpt is not an ldm checkpoint; say which step is sampled."""
     try:
-        return read_checkpoint(ckpt, "ldm")[1]
+        meta = read_checkpoint(ckpt, "ldm")[1]
     except CheckpointError as e:
         fail(f"--ckpt {e}")
+    say_checkpoint(meta)
+    return meta
 
 
 def submit_workers(args: argparse.Namespace, out: Path, cluster: str) -> list[submitit.Job]:
@@ -126,11 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(sbatch_script(args, out / "submitit" / "%j", args.job_name or "oasis-sample", array=args.array))
         return 0
-    req = request_for(checkpoint_meta(args.ckpt), params_of(args))
+    check_local_gpus(args, cluster)
     try:
+        check_out(out)
+        req = request_for(checkpoint_meta(args.ckpt), params_of(args))
         write_request(out, req)
-    except RequestMismatch as e:
+    except (RequestMismatch, BadRequest) as e:
         fail(str(e))
+    try:
+        return run(args, out, req, cluster)
+    except (ShardError, OutputError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(
+            "sample.py: interrupted; the finished shards are kept: rerun the same command to make the rest",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def run(args: argparse.Namespace, out: Path, req: Request, cluster: str) -> int:
+    """Submit the workers (and on SLURM the merge) of a written request; merge here otherwise."""
     todo = report_bad(req, out, range(req.num_shards))  # the workers remake the bad ones too
     print(f"{req.num_shards - len(todo)} of {req.num_shards} shards already done; {len(todo)} to make")
     if not todo:
@@ -147,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for job in jobs:  # local executors: wait here, then merge here
         print(f"job {job.job_id} finished: {follow(job)}")
+    tidy_folder(out / "submitit" / "%j")  # a local job's controller makes it as the job starts
     print(f"wrote {merge_job(str(out))}")
     return 0
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import submitit
 from common import (
     add_cluster_args,
+    check_local_gpus,
     describe,
     fail,
     follow,
@@ -28,6 +29,7 @@ from common import (
     run_after,
     sbatch_script,
     tasks_per_node,
+    tidy_folder,
 )
 
 from oasis_ldm.config import Config, ConfigError, load_config, presets
@@ -125,11 +127,14 @@ def check_flags(args: argparse.Namespace, cluster: str) -> None:
         fail(f"--nodes {args.nodes} needs --cluster slurm (local runs use one machine)")
     if cluster == "debug" and tasks_per_node(args) != 1:
         fail("--cluster debug runs one task in this process; use --cluster local for several")
+    if not args.dry_run:
+        check_local_gpus(args, cluster)
 
 
 def check_starts(args: argparse.Namespace, jobs: list[Planned]) -> None:
-    """The trainer's own start checks (data, autoencoder, run directory, world size), made here
-    so that a start it would refuse is never queued and leaves nothing in its run directory."""
+    """The trainer's own start checks (config, data, autoencoder, run directory and its lock,
+    world size), made here so that a start it would refuse is never queued and leaves nothing
+    in its run directory. (The config was validated as it loaded, in `plan`.)"""
     from oasis_ldm.train.preflight import StartError, check_start  # imports torch: not for --help, --dry-run
 
     world_size = args.nodes * tasks_per_node(args)
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     for job in jobs:
         flags = job_flags(args, job.cfg)
-        ex = make_executor(flags, job.run_dir / "submitit" / "%j", args.job_name or f"oasis-{job.stage}", cluster)
+        folder = job.run_dir / "submitit" / "%j"
+        ex = make_executor(flags, folder, args.job_name or f"oasis-{job.stage}", cluster)
         if previous is not None and cluster == "slurm":
             run_after(ex, args, previous.job_id)
         submitted = ex.submit(TrainJob(job.stage, args.config, job.overrides, str(job.run_dir)))
@@ -186,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"watch it with:  tensorboard --logdir {run_dir_of(args.run_dir)}")
         if wait:
             print(f"job {submitted.job_id} finished: {follow(submitted)}")
+            tidy_folder(folder)  # a local job's controller makes it as the job starts
         previous = submitted
     return 0
 

@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from oasis_ldm.checkpoint import CheckpointError
-from oasis_ldm.sampling.shards import RequestMismatch, ShardError, merge
+from oasis_ldm.outputs import OutputError
+from oasis_ldm.sampling.shards import BadRequest, RequestMismatch, ShardError, merge
 from oasis_ldm.sampling.worker import (
     DefaultsHelpFormatter,
     WorkerError,
@@ -52,9 +53,15 @@ def main(argv: list[str] | None = None) -> int:
             sample_worker(args.ckpt, args.out, params_of(args), worker=worker, workers=workers, device=args.device)
         if args.merge_only or workers == 1:
             print(f"wrote {merge(args.out)}")
-    except (CheckpointError, RequestMismatch, ShardError, WorkerError, FileNotFoundError) as e:
-        print(f"oasis_ldm.sampling: error: {e}", file=sys.stderr)
+    except (CheckpointError, RequestMismatch, BadRequest, ShardError, WorkerError, OutputError, FileNotFoundError) as e:
+        print(f"oasis_ldm.sampling: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "oasis_ldm.sampling: interrupted; the finished shards are kept: rerun the same command to make the rest",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

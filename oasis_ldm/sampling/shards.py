@@ -8,6 +8,13 @@ failed task makes only what is missing or bad. Shard files appear whole or not a
 file per process + rename), and a rerun still checks each one (readable, the right images of
 the right request: a disk that filled up or a copy cut short leaves a shorter file behind).
 The merge checks every shard the same way and writes samples.h5, samples.npz and grid.png.
+A request is checked whole before request.json is written (`check_request`), and a folder
+that holds a request but no shards yet takes a new one.
+
+A full disk: HDF5 cannot survive a failed write (closing the file, or freeing it at exit,
+dereferences freed memory: a segmentation fault, h5py issue #914), so a shard is built in
+memory and written to disk by Python, where ENOSPC is an ordinary error (`_write_h5_atomic`),
+and the merge checks the free space before it starts.
 
 A paired model (data.masks) decodes a tissue mask with every slice: its shards, samples.h5 and
 samples.npz hold `masks` beside the images, and its grid shows each slice beside its mask in
@@ -17,8 +24,11 @@ colour. An image-only request writes exactly the files it wrote before the paire
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
+import shutil
 import socket
 import zipfile
 from collections.abc import Callable, Iterable
@@ -31,10 +41,11 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from oasis_ldm import outputs
 from oasis_ldm.atomic import atomic_path, write_text
 from oasis_ldm.data.masks import CLASS_NAMES, to_labels
 from oasis_ldm.data.schema import MASK_VALUES
-from oasis_ldm.diffusion import PRECISIONS
+from oasis_ldm.diffusion import PRECISIONS, SAMPLERS
 from oasis_ldm.rng import image_seed
 from oasis_ldm.sampling.pipeline import Pipeline
 
@@ -89,6 +100,7 @@ def request_for(meta: dict, params: SamplingParams) -> Request:
     precision = params.precision or meta["config"].train.precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    check_request(params, meta)
     return Request(
         checkpoint=meta["path"],
         checkpoint_sha256=meta["sha256"],
@@ -101,6 +113,57 @@ def request_for(meta: dict, params: SamplingParams) -> Request:
 
 class RequestMismatch(ValueError):
     """The output folder holds samples of another request."""
+
+
+class BadRequest(ValueError):
+    """A sampling parameter this checkpoint cannot take; one line naming the flag."""
+
+
+def check_request(params: SamplingParams, meta: dict) -> None:
+    """Every parameter, against the checkpoint, before anything is written (request.json of a
+    request that cannot run would block its corrected rerun)."""
+    timesteps = meta["config"].diffusion.timesteps
+    counts = {"--num-samples": params.num_samples, "--batch-size": params.batch_size, "--shard-size": params.shard_size}
+    for flag, value in counts.items():
+        if value < 1:
+            raise BadRequest(f"{flag} {value}: must be >= 1")
+    if params.sampler not in SAMPLERS:
+        raise BadRequest(f"--sampler {params.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if params.sampler == "ddim" and not 1 <= params.steps <= timesteps:
+        raise BadRequest(
+            f"--steps {params.steps}: DDIM takes 1 to {timesteps} steps with this model (diffusion.timesteps)"
+        )
+    if not math.isfinite(params.eta) or params.eta < 0:
+        raise BadRequest(f"--eta {params.eta}: must be a finite number >= 0")
+
+
+OUR_NAMES = ("request.json", "shards", "samples.h5", "samples.npz", "grid.png")
+
+
+def check_out(out: Path) -> None:
+    """Fail before any work where OUT cannot take this run's files: a file, a folder of someone
+    else's files (samples.h5 and the like without the request.json this project writes), a
+    folder that cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise RequestMismatch(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and not (out / "request.json").exists():
+        ours = [name for name in OUR_NAMES[1:] if (out / name).exists()]
+        if ours:
+            raise RequestMismatch(
+                f"--out {out}: holds {ours[0]} but no request.json: not a sampling folder of this project; "
+                "use a new --out"
+            )
+    if (out / "request.json").exists() and not (out / "request.json").is_file():
+        raise RequestMismatch(f"--out {out}: its request.json is not a file")
+    try:
+        outputs.check_writable(out, "--out")
+    except outputs.OutputError as e:
+        raise RequestMismatch(str(e)) from None
+
+
+def has_shards(out: Path) -> bool:
+    """Whether any shard (or the merged samples) of a request is on disk."""
+    return (out / "samples.h5").exists() or any((out / "shards").glob("shard_*.h5"))
 
 
 class ShardError(RuntimeError):
@@ -127,15 +190,29 @@ def write_request(out: Path, req: Request) -> None:
             return
         except FileExistsError:
             pass  # another task was first: compare with what it wrote
-    old, new = _identity(read_request(out)), _identity(req)
+    try:
+        old = _identity(read_request(out))
+    except ShardError as e:
+        raise RequestMismatch(str(e)) from None
+    new = _identity(req)
     diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diffs:
+    if diffs and not has_shards(out):  # nothing made for the old request: this one replaces it
+        print(f"{path}: replacing a request no shard was made for ({', '.join(diffs)} differ)", flush=True)
+        write_text(path, json.dumps(asdict(req), indent=2) + "\n")
+    elif diffs:
         detail = ", ".join(diffs)
         raise RequestMismatch(f"{out} holds samples of another request ({detail} differ): use a new --out")
 
 
 def read_request(out: Path) -> Request:
-    return Request(**json.loads((out / "request.json").read_text()))
+    """OUT/request.json; ShardError in one line when there is none (nothing was sampled here)."""
+    path = out / "request.json"
+    try:
+        return Request(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ShardError(f"{out}: no sampling request here ({path.name}): sample first, then merge") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise ShardError(f"{path}: unreadable ({' '.join(str(e).split())}); use a new --out") from None
 
 
 def shard_path(out: Path, shard: int) -> Path:
@@ -155,14 +232,19 @@ class Block:
 
 
 def _write_h5_atomic(path: Path, block: Block, seeds: np.ndarray, attrs: dict) -> None:
-    # A private file: no HDF5 lock (NFS refuses them).
-    with atomic_path(path) as tmp, h5py.File(tmp, "w", locking=False) as f:
+    """The shard file, built in memory (HDF5 never meets a full disk, see the module docstring)
+    and written atomically; a failed write is one OutputError line naming the shard."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         f.create_dataset("images", data=block.images, chunks=(1, *block.images.shape[1:]))
         f.create_dataset("seed", data=seeds)
         f.attrs.update({**attrs, "images_sha256": _sha256(block.images)})
         if block.masks is not None:
             f.create_dataset("masks", data=block.masks, chunks=(1, *block.masks.shape[1:]))
             f.attrs["masks_sha256"] = _sha256(block.masks)
+    advice = "free space and rerun the same command (the finished shards are kept)"
+    with outputs.writing(path, advice), atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 MISSING = "missing"
@@ -291,7 +373,10 @@ def merge(out: Path, grid_size: int = 64) -> Path:
     """
     req = read_request(out)
     check_all_shards(req, out)
+    check_merge_space(req, out)
+    advice = "free space and run the merge again (the shards are kept)"
     with (
+        outputs.writing(out / "samples.h5", advice),
         atomic_path(out / "samples.h5") as h5_tmp,
         atomic_path(out / "samples.npz") as npz_tmp,
         h5py.File(h5_tmp, "w", locking=False) as dst,
@@ -300,8 +385,22 @@ def merge(out: Path, grid_size: int = 64) -> Path:
         shown = _merge_shards(req, out, dst, npz, grid_size)
         if req.paired:  # a zip takes one member at a time: the masks follow, read back from samples.h5
             _stream_npy(npz, "masks", req, lambda shard: dst["masks"][_rows(req, shard)])
-    save_grid(shown.images, out / "grid.png", masks=shown.masks)
+    with outputs.writing(out / "grid.png", advice):
+        save_grid(shown.images, out / "grid.png", masks=shown.masks)
     return out / "samples.h5"
+
+
+def check_merge_space(req: Request, out: Path) -> None:
+    """Refuse a merge the disk cannot hold, before HDF5 writes a byte (see the module docstring):
+    samples.h5 and samples.npz each take the pixels once, twice with masks."""
+    pixels = req.num_samples * req.image_size**2 * (2 if req.paired else 1)
+    needed = 2 * pixels + 64 * req.num_samples + (1 << 20)  # seeds, chunk index and headers
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise outputs.OutputError(
+            f"{out}: the merge needs about {needed / 2**20:.1f} MiB and {outputs.free_space(out)} is free on its "
+            "disk: free space and run the merge again (the shards are kept)"
+        )
 
 
 def _provenance(req: Request) -> dict:

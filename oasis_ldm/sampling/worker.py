@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from oasis_ldm.diffusion import PRECISIONS
 from oasis_ldm.distributed import pick_device
 from oasis_ldm.loading import load_pipeline
-from oasis_ldm.sampling.shards import SamplingParams, generate_shards, request_for, write_request
+from oasis_ldm.sampling.shards import SamplingParams, check_out, generate_shards, request_for, write_request
 
 
 class WorkerError(ValueError):
@@ -70,11 +71,20 @@ def sample_worker(
     ckpt: str | Path, out: Path, params: SamplingParams, *, worker: int = 0, workers: int = 1, device: str = "auto"
 ) -> int:
     """Make worker `worker`'s missing or bad shards of the request; returns how many it made."""
+    check_out(out)  # before the checkpoint is read: a wrong --out fails in a second
     local_rank = int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
     pipe, meta = load_pipeline(ckpt, pick_device(device, local_rank))
+    say_checkpoint(meta)
     req = request_for(meta, params)
     write_request(out, req)
     return generate_shards(pipe, req, out, worker, workers, progress=True)
+
+
+def say_checkpoint(meta: dict) -> None:
+    """Which checkpoint, and which step, is sampled (a damaged last.pt falls back, saying so)."""
+    if meta.get("note"):
+        print(f"warning: {meta['note']}", flush=True)
+    print(f"sampling step {meta['step']} of {meta['path']}", flush=True)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -113,8 +123,8 @@ def check_request_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> 
     for flag in ("num_samples", "steps", "batch_size", "shard_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.eta < 0:
-        p.error("--eta must be >= 0")
+    if not math.isfinite(args.eta) or args.eta < 0:
+        p.error(f"--eta {args.eta}: must be a finite number >= 0")
 
 
 def params_of(args: argparse.Namespace) -> SamplingParams:
