@@ -62,6 +62,11 @@ def load_split(data: str | Path, split: str, image_size: int | None) -> OasisH5D
         raise EvaluationError(str(e)) from None
 
 
+def stored_size(real: OasisH5Dataset) -> int:
+    """The side of the split's slices as packed, before any resize to the model's resolution."""
+    return int(real.info.splits[real.split].height)
+
+
 def has_masks(real: OasisH5Dataset) -> bool:
     """Whether the split was packed with its segmentation masks."""
     return real.info.splits[real.split].has_masks
@@ -140,6 +145,7 @@ def evaluate_reconstruction(
         "region": region_rule(images),
         "split": split,
         "image_size": size,
+        "data_image_size": stored_size(images),  # differs from image_size: the split was resized to it
         "ms_ssim_scales": ms_ssim_scales(size),
     }
     if paired:
@@ -276,6 +282,8 @@ def evaluate_samples(
         "n": n,
         "n_real": len(real),
         "split": split,
+        "image_size": int(samples.shape[-1]),
+        "data_image_size": stored_size(real),  # differs from image_size: the split was resized to it
         "ms_ssim_scales": ms_ssim_scales(samples.shape[-1]),
         "samples": str(samples_path),
         **{k: attrs[k] for k in PROVENANCE if k in attrs},

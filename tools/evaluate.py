@@ -8,6 +8,7 @@
 
 Writes the report (JSON) and a side-by-side PNG next to it (real | reconstruction, or
 sample | its nearest slice of the split); with --tb, logs the figures to that run's TensorBoard.
+Neither output ever replaces an input or a file evaluate did not write: both carry its mark.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from oasis_ldm import __version__, outputs
 from oasis_ldm.atomic import atomic_path, write_text
-from oasis_ldm.checkpoint import CheckpointError
+from oasis_ldm.checkpoint import LAST, CheckpointError
 from oasis_ldm.data.oasis import SPLITS
 from oasis_ldm.distributed import pick_device
 from oasis_ldm.evaluation import (
@@ -95,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.segmentation and args.samples is None:
         p.error("--segmentation needs --samples (of a paired model)")
+    if args.segmentation and args.split == "test":
+        p.error(
+            "--segmentation --split test: the segmenters are tested on the real test split, so their real "
+            "training slices must come from another: use --split train (or validate)"
+        )
     if args.seg_steps < 1:
         p.error("--seg-steps must be >= 1")
     return args
@@ -105,13 +112,66 @@ def fail(message: str) -> int:
     return 1
 
 
-def write_outputs(report: dict, picture: torch.Tensor, out: Path) -> Path:
-    from torchvision.utils import save_image
+MARK = "oasis-ldm evaluate"  # in every report (`made_by`) and picture (PNG text `Software`) it writes
 
-    write_text(out, json.dumps(report, indent=2) + "\n")
+
+def ours(path: Path, report: Path) -> bool:
+    """Whether `path` is a report or picture evaluate wrote (a report of an earlier release: a
+    JSON object with a split and a checkpoint or samples; its picture: beside such a report)."""
+    if path.suffix == ".png":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                marked = str(im.info.get("Software", "")).startswith(MARK)
+        except Exception:  # not an image at all
+            return False
+        return marked or (path != report and ours(report, report))
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(found, dict):
+        return False
+    return str(found.get("made_by", "")).startswith(MARK) or (
+        "split" in found and ("checkpoint" in found or "samples" in found)
+    )
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: OUT and its picture are no input, replace only what evaluate wrote, and
+    can be written (OutputError, one line)."""
+    out, png = args.out, args.out.with_suffix(".png")
+    if png == out:
+        raise outputs.OutputError(
+            f"--out {out}: the picture goes to OUT with .png, here the report itself: give the report a .json name"
+        )
+    vae = None if args.vae_ckpt is None else Path(args.vae_ckpt)
+    inputs = {
+        "--data": args.data,
+        "--samples": args.samples,
+        "--vae-ckpt": vae / "checkpoints" / LAST if vae is not None and vae.is_dir() else vae,
+        "--inception-weights": args.inception_weights,
+    }
+    for path, what in ((out, "--out"), (png, "--out's picture")):
+        outputs.check_not_input(path, inputs, what)
+        if path.exists() and not ours(path, out):
+            raise outputs.OutputError(
+                f"{what} {path}: exists and is not a report or picture of evaluate; refusing to replace it "
+                "(choose another --out)"
+            )
+    outputs.check_writable(out, "--out")
+
+
+def write_outputs(report: dict, picture: torch.Tensor, out: Path) -> Path:
+    from PIL import Image, PngImagePlugin
+
+    write_text(out, json.dumps({**report, "made_by": f"{MARK} {__version__}"}, indent=2) + "\n")
     png = out.with_suffix(".png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", f"{MARK} {__version__}")
     with atomic_path(png) as tmp:
-        save_image(picture.float() / 255, tmp, format="png")
+        Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="png", pnginfo=info)
     return png
 
 
@@ -146,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--data {args.data}: no such file")
     if args.tb is not None and not args.tb.is_dir():
         return fail(f"--tb {args.tb}: not a run directory")
+    try:
+        check_outputs(args)
+    except outputs.OutputError as e:
+        return fail(str(e))
     device = pick_device(args.device)
     try:
         if args.vae_ckpt:
@@ -174,7 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluationError, CheckpointError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
     report["torch_threads"] = threads
-    png = write_outputs(report, picture, args.out)
+    if report["data_image_size"] != report["image_size"]:
+        size, data = report["image_size"], report["data_image_size"]
+        how = "upsampled" if data < size else "downsampled"
+        note = f"the {args.split} split's {data}x{data} slices were {how} to {size}x{size}, the model's resolution"
+        print(f"evaluate: note: {note} (report: data_image_size, image_size)")
+    try:
+        with outputs.writing(args.out, "free space and run it again"):
+            png = write_outputs(report, picture, args.out)
+    except outputs.OutputError as e:
+        return fail(str(e))
     if args.tb is not None:
         log_to_tensorboard(args.tb, report, picture, kind)
     shown = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -16,6 +16,9 @@ Why this shape:
 - Workers die with the parent (a SIGKILL or an OOM kill of the parent included) and a
   SIGTERM ends a worker; the parent then fails naming OUT, with nothing written.
 - Masks hold only the classes of `schema.MASK_VALUES`; any other value is refused.
+- OUT is never one of its inputs: an OUT inside --src (one of its PNGs, or a file the next pack
+  would trip over) is refused, and --overwrite replaces only a file pack_h5 wrote (`_check_out`).
+  A full disk is one line naming OUT and the free space.
 
 What counts as an 8-bit greyscale PNG (`read_png`): mode L as is; 1-bit and 2/4-bit grey
 as PIL expands them; greyscale stored as RGB, RGBA, LA or a palette when every colour
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import multiprocessing
 import os
@@ -49,6 +53,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import oasis_ldm
+from oasis_ldm import outputs
 from oasis_ldm.atomic import atomic_path
 from oasis_ldm.data import schema
 from oasis_ldm.data.oasis import SPLITS, LayoutError, SplitListing, list_splits
@@ -490,11 +495,24 @@ def _check_options(options: PackOptions) -> None:
             raise PackError(f"--splits: unknown split {split!r} (expected {', '.join(SPLITS)})")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _packed_by_us(path: Path) -> bool:
+    """Whether `path` is an HDF5 file pack_h5 wrote (its `created_by` attribute says so)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return str(f.attrs.get(schema.ATTR_CREATED_BY, "")).startswith("oasis-ldm pack_h5")
+    except (OSError, ValueError):
+        return False
+
+
+def _check_out(out: Path, overwrite: bool, src: Path | None = None) -> None:
     if out.is_dir():
         raise PackError(f"{out}: is a directory; --out takes a file path")
+    if src is not None and out.resolve().is_relative_to(src.resolve()):
+        raise PackError(f"{out}: is inside --src {src}; write the packed file outside the PNG folders")
     if out.exists() and not overwrite:
         raise PackError(f"{out}: already exists (use --overwrite to replace it)")
+    if out.exists() and not _packed_by_us(out):
+        raise PackError(f"{out}: exists and is not a file pack_h5 wrote; --overwrite replaces only those")
 
 
 def _check_numbers(listings: list[SplitListing]) -> None:
@@ -513,6 +531,8 @@ def _out_errors(out: Path, what: str) -> Iterator[None]:
         yield
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else _one_line(e)  # h5py sets errno too
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += f"; {outputs.free_space(out)} free on its disk"
         raise PackError(f"{out}: {what} ({reason})") from None
 
 
@@ -710,7 +730,7 @@ def pack(src: str | Path, out: str | Path, options: PackOptions | None = None) -
     options = options or PackOptions()
     src, out = Path(src), Path(out)
     _check_options(options)
-    _check_out(out, options.overwrite)
+    _check_out(out, options.overwrite, src)
     try:
         listings = list_splits(src, options.splits)
     except LayoutError as e:
