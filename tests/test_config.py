@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from oasis_ldm.config import ConfigError, dump_yaml, from_dict, load_config, presets, to_dict
@@ -38,6 +40,29 @@ def test_overrides_are_coerced_to_the_field_types():
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("demo", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=-1e-3", "train.lr=-0.001: must be > 0"),
+        ("train.lr=nan", "train.lr=nan: must be a finite number"),
+        ("train.disc_lr=inf", "train.disc_lr=inf: must be a finite number"),
+        ("diffusion.eta=nan", "diffusion.eta=nan: must be a finite number"),
+        ("vae.kl_weight=-1e-6", "vae.kl_weight=-1e-06: must be >= 0"),
+        ("train.ema_decay=1.5", "train.ema_decay=1.5: must be in [0, 1)"),
+        ("train.betas=0.9,1.0", "train.betas[1]=1.0: must be in [0, 1)"),
+        ("train.snapshot_every=0", "train.snapshot_every=0: must be >= 1"),
+        ("train.image_every=0", "train.image_every=0: must be >= 1"),
+        ("diffusion.sample_steps=2000", "diffusion.sample_steps=2000: must be in [1, 1000]"),
+        ("diffusion.beta_end=1e-5", "diffusion.beta_start=0.0001 must be below diffusion.beta_end=1e-05"),
+    ],
+)
+def test_numbers_that_would_train_nothing_or_crash_later_are_refused(override, message):
+    """Each once trained silently wrong (a NaN or negative rate), crashed hours in
+    (snapshot_every=0: ZeroDivisionError at the first save), or sampled black images."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("demo", [override])
 
 

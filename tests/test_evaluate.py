@@ -314,7 +314,9 @@ def test_segmentation_report_of_paired_samples(tmp_path, tiny_paired_h5):
 
 def test_segmentation_needs_paired_samples_and_says_so(tmp_path, tiny_paired_h5, tiny_h5):
     plain = write_samples(tmp_path / "plain.h5", np.zeros((2, 32, 32), np.uint8))
-    out = evaluate("--data", tiny_paired_h5, "--samples", plain, "--segmentation", "--out", tmp_path / "r.json")
+    out = evaluate(
+        "--data", tiny_paired_h5, "--split", "train", "--samples", plain, "--segmentation", "--out", tmp_path / "r.json"
+    )
     one_line_error(out, "holds no masks; --segmentation needs samples of a paired model")
     paired = write_paired_samples(tmp_path / "p.h5", np.zeros((2, 32, 32), np.uint8), np.zeros((2, 32, 32), np.uint8))
     out = evaluate(
