@@ -113,11 +113,8 @@ def _locked_train(
     if pos.step == 0:
         stage.initialise()
     # Record the start, then train.
-    on_rank0(
-        lambda: record_start(
-            run_dir, cfg, rundir.Start(stage_name, env.world_size, pos.step, threads, changes, replaced), stage, given
-        )
-    )
+    start = rundir.Start(stage_name, env.world_size, pos.step, threads, changes, replaced)
+    on_rank0(lambda: record_start(run_dir, cfg, start, stage, given))
     say(env, f"{stage_name}: {run_dir} | {plan.describe()} | steps {pos.step + 1}..{cfg.train.max_steps}")
     state.wrap(env, cfg)
     logger = TrainLogger(run_dir, enabled=env.is_main, first_step=pos.step + 1, max_steps=cfg.train.max_steps)
@@ -172,7 +169,7 @@ def fresh_start(run_dir: Path, cfg: Config, env: DistEnv) -> list[preflight.Chan
     old = preflight.saved_config(run_dir)
     if old is None:
         return []
-    allowed, refused = preflight.config_changes(canonical(old), to_dict(cfg))
+    allowed, refused = preflight.config_changes(canonical(old), to_dict(cfg), paths=True)
     return allowed + refused
 
 

@@ -64,14 +64,16 @@ class Change:
         return f"{self.key}: {self.old!r} -> {self.new!r}" + (f" ({self.why})" if self.why else "")
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], list[Change]]:
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], *, paths: bool = False
+) -> tuple[list[Change], list[Change]]:
     """(allowed, refused) differences between a run's saved config and this start's; the input
-    paths are compared by content instead (`input_changes`)."""
+    paths are left to `input_changes`, which compares their content (`paths`: list them too)."""
     allowed, refused = [], []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section) or {}, new.get(section) or {}
         for key in sorted(set(a) | set(b)):
-            if f"{section}.{key}" in inputs.KEYS:
+            if f"{section}.{key}" in inputs.KEYS and not paths:
                 continue
             if a.get(key) != b.get(key):
                 change = Change(f"{section}.{key}", a.get(key), b.get(key))
