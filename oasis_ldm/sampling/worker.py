@@ -70,7 +70,9 @@ def sample_worker(
     ckpt: str | Path, out: Path, params: SamplingParams, *, worker: int = 0, workers: int = 1, device: str = "auto"
 ) -> int:
     """Make worker `worker`'s missing or bad shards of the request; returns how many it made."""
-    local_rank = int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
+    # The launcher that started this process numbers it: torchrun's LOCAL_RANK wins over the
+    # SLURM_LOCALID of the srun task torchrun runs in (which all of its workers share).
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
     pipe, meta = load_pipeline(ckpt, pick_device(device, local_rank))
     req = request_for(meta, params)
     write_request(out, req)
