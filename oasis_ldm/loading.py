@@ -21,21 +21,25 @@ from oasis_ldm.models import AutoencoderKL, UNet, build_vae
 from oasis_ldm.sampling.pipeline import Pipeline
 
 
-def read_checkpoint(path_or_run: str | Path, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_checkpoint(
+    path_or_run: str | Path, stage: str, data: bytes | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """A checkpoint of `stage` (file or run directory): (its content, metadata).
 
     The metadata {"path", "sha256", "step", "config"} is what outputs record about the
-    model that made them. The wrong stage is a CheckpointError naming both.
+    model that made them. The wrong stage is a CheckpointError naming both. The file is read
+    once and hashed from the same bytes; `data` gives bytes already read (another rank's).
     """
     path = checkpoint.resolve(path_or_run)
-    saved = checkpoint.load(path)
+    data = checkpoint.read(path) if data is None else data
+    saved = checkpoint.parse(data, path)
     if saved["stage"] != stage:
         found = saved["stage"]
         message = f"this is the {found} stage's checkpoint; the {stage} stage's is needed"
         raise checkpoint.CheckpointError(f"{path_or_run}: {message}")
     meta = {
         "path": str(path.resolve()),
-        "sha256": checkpoint.file_sha256(path),
+        "sha256": checkpoint.sha256(data),
         "step": int(saved["step"]),
         "config": from_dict(saved["config"]),
     }
@@ -43,10 +47,11 @@ def read_checkpoint(path_or_run: str | Path, stage: str) -> tuple[dict[str, Any]
 
 
 def load_frozen_vae(
-    path_or_run: str | Path, device: torch.device | str = "cpu"
+    path_or_run: str | Path, device: torch.device | str = "cpu", data: bytes | None = None
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
-    """The EMA weights of a vae checkpoint, in eval mode without gradients, and its metadata."""
-    saved, meta = read_checkpoint(path_or_run, "vae")
+    """The EMA weights of a vae checkpoint, in eval mode without gradients, and its metadata
+    (`data`: the file's bytes, when already read)."""
+    saved, meta = read_checkpoint(path_or_run, "vae", data)
     vae = build_vae(meta["config"])
     vae.load_state_dict(saved["ema"]["model"])
     return vae.to(device).eval().requires_grad_(False), meta

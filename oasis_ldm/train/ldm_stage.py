@@ -19,9 +19,10 @@ from oasis_ldm.config import Config, to_dict
 from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.transforms import to_float
 from oasis_ldm.diffusion import GaussianDiffusion
-from oasis_ldm.distributed import DistEnv, barrier, broadcast
+from oasis_ldm.distributed import DistEnv, barrier, broadcast, read_on_rank0
 from oasis_ldm.loading import load_frozen_vae
 from oasis_ldm.models import DiagonalGaussian, UNet
+from oasis_ldm.precision import ieee_float32
 from oasis_ldm.rng import Stream, generator, image_seed
 from oasis_ldm.sampling.pipeline import Pipeline
 from oasis_ldm.train.augment import Batch, flip_rows, prepare_batch
@@ -32,6 +33,12 @@ LOG_SEED = 1234  # fixed noise for the logged samples, so grids are comparable a
 SCALE_CHUNK = 32  # slices encoded at once when measuring the scale factor
 
 
+def _read_vae(vae_ckpt: str) -> tuple[Path, bytes]:
+    """The autoencoder's checkpoint file and its bytes."""
+    path = checkpoint.resolve(vae_ckpt).resolve()
+    return path, checkpoint.read(path)
+
+
 class LDMStage:
     name = "ldm"
     main = "unet"
@@ -40,10 +47,10 @@ class LDMStage:
         if not cfg.ldm.vae_ckpt:
             raise checkpoint.CheckpointError("ldm.vae_ckpt is not set: pass --set ldm.vae_ckpt=<vae run dir or .pt>")
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
-        self.vae_path = checkpoint.resolve(cfg.ldm.vae_ckpt).resolve()
-        self.vae_sha256 = checkpoint.file_sha256(self.vae_path)
-        self.vae, vae_meta = load_frozen_vae(self.vae_path, env.device)
-        self.vae_cfg = vae_meta["config"]
+        # Rank 0 reads the autoencoder once for the job and shares its bytes (hashed, not re-read).
+        self.vae_path, data = read_on_rank0(lambda: _read_vae(cfg.ldm.vae_ckpt))
+        self.vae, vae_meta = load_frozen_vae(self.vae_path, env.device, data)
+        self.vae_sha256, self.vae_cfg = vae_meta["sha256"], vae_meta["config"]
         self.latent_size = cfg.data.image_size // self.vae.factor  # preflight checked that it fits the U-Net
         unet = UNet(cfg.unet, in_channels=self.vae.latent_channels).to(env.device)
         self.models: dict[str, nn.Module] = {"unet": unet}
@@ -108,13 +115,14 @@ class LDMStage:
         images = to_float(self.images.read_raw(rows).to(self.env.device))
         if flip:
             images, masks = images.flip(-1), None if masks is None else masks.flip(-1)
-        return self.vae.encode(Batch(images, masks).model_input())
+        with ieee_float32():
+            return self.vae.encode(Batch(images, masks).model_input())
 
     def latents(self, batch: Any, ctx: StepContext) -> torch.Tensor:
         """Scaled posterior samples z * scale for this micro-batch.
 
-        The frozen encoder runs in fp32 even in a bf16 run: its latents are the data the
-        U-Net learns, and the scale factor and the latent cache are measured in fp32 too.
+        The frozen encoder runs in IEEE fp32 (no bf16, no TF32) even in a bf16 run: its latents
+        are the data the U-Net learns, and the scale factor and the latent cache are measured so too.
         """
         if self.cfg.ldm.latent_cache:
             mean, std, *mirrored = (t.to(self.env.device, non_blocking=True).float() for t in batch)
@@ -124,7 +132,7 @@ class LDMStage:
             z = mean + std * ctx.draws.randn(tuple(mean.shape), Stream.POSTERIOR_NOISE)
         else:
             b = prepare_batch(batch, self.cfg.data.augment, ctx)
-            with torch.no_grad():
+            with torch.no_grad(), ieee_float32():
                 posterior = self.vae.encode(b.model_input())
             mean, std = posterior.mean.float(), posterior.std.float()
             z = mean + std * ctx.draws.randn(tuple(mean.shape), Stream.POSTERIOR_NOISE)

@@ -77,7 +77,10 @@ def train(stage: str, cfg: Config, run_dir: str | Path) -> int:
 
 
 def _train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: int) -> int:
-    on_every_rank(lambda: preflight.check_start(stage_name, cfg, run_dir, world_size=env.world_size))
+    # Rank 0 alone checks the autoencoder of an ldm run: it reads it for every rank (ldm_stage.py).
+    on_every_rank(
+        lambda: preflight.check_start(stage_name, cfg, run_dir, world_size=env.world_size, vae_ready=env.is_main)
+    )
     created = not run_dir.exists()
     lock = RunLock(run_dir) if env.is_main else None
     note = on_rank0(lambda: lock.acquire())
