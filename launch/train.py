@@ -160,7 +160,11 @@ def dry_run(args: argparse.Namespace, jobs: list[Planned]) -> None:
         dependency = {"dependency": "afterok:<vae job id>"} if after_vae(args, job) else {}
         name = args.job_name or f"oasis-{job.stage}"
         print(f"# --- {job.stage}: {job.run_dir}")
-        print(sbatch_script(job_flags(args, job.cfg), job.run_dir / "submitit" / "%j", name, **dependency))
+        print(
+            sbatch_script(
+                job_flags(args, job.cfg), job.run_dir / "submitit" / "%j", name, collective=True, **dependency
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     for job in jobs:
         flags = job_flags(args, job.cfg)
-        ex = make_executor(flags, job.run_dir / "submitit" / "%j", args.job_name or f"oasis-{job.stage}", cluster)
+        ex = make_executor(
+            flags, job.run_dir / "submitit" / "%j", args.job_name or f"oasis-{job.stage}", cluster, collective=True
+        )
         if previous is not None and cluster == "slurm":
             run_after(ex, args, previous.job_id)
         submitted = ex.submit(TrainJob(job.stage, args.config, job.overrides, str(job.run_dir)))
