@@ -141,6 +141,7 @@ class GpuView:
     local_rank: int
     gpus: tuple[str, ...]
     visible: str  # its CUDA_VISIBLE_DEVICES, for the messages
+    kind: str = "cuda"  # or "cpu": all ranks must agree (one gloo rank among NCCL ranks hangs)
 
 
 def visible_gpus() -> tuple[str, ...]:
@@ -154,10 +155,19 @@ def visible_gpus() -> tuple[str, ...]:
 
 
 def assign_gpus(views: list[GpuView]) -> dict[int, int]:
-    """Each rank's CUDA index: the ranks of a node, in local-rank order, each take the first GPU
-    they see that no rank before them took, as SLURM hands its GPUs out. Every rank computes the
-    same table, so a rank left without a GPU of its own fails on every rank, in one line
-    naming what it sees (NCCL would fail later with "Duplicate GPU detected")."""
+    """Each rank's CUDA index (-1 on CPUs): the ranks of a node, in local-rank order, each take
+    the first GPU they see that no rank before them took, as SLURM hands its GPUs out. Every
+    rank computes the same table, so a rank left without a GPU of its own fails on every rank,
+    in one line naming what it sees (NCCL would fail later with "Duplicate GPU detected"), and
+    so do ranks of a job that would mix CUDA and CPU ranks (mixed backends hang)."""
+    kinds = {kind: sorted(v.rank for v in views if v.kind == kind) for kind in {v.kind for v in views}}
+    if len(kinds) > 1:
+        raise DeviceError(
+            f"ranks {kinds['cuda']} see a CUDA device and ranks {kinds['cpu']} none: every rank of a job must "
+            "use the same kind of device (set train.device=cuda to make the CPU ranks say why)"
+        )
+    if "cpu" in kinds:
+        return {v.rank: -1 for v in views}
     taken: dict[str, dict[str, int]] = {}
     index = {}
     for v in sorted(views, key=lambda v: (v.host, v.local_rank, v.rank)):
@@ -202,11 +212,13 @@ def _rendezvous(rank: int, world_size: int) -> dist.Store:
 
 
 def _share_views(store: dist.Store, view: GpuView, world_size: int) -> list[GpuView]:
-    """Every rank's GpuView, exchanged through the rendezvous store."""
-    store.set(f"oasis/gpus/{view.rank}", json.dumps(asdict(view)))
+    """Every rank's GpuView, exchanged through the rendezvous store (torchrun's agent keeps its
+    store across restarts of the workers: each attempt has its own keys)."""
+    prefix = f"oasis/gpus/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.set(f"{prefix}/{view.rank}", json.dumps(asdict(view)))
     views = []
     for r in range(world_size):
-        fields = json.loads(store.get(f"oasis/gpus/{r}"))
+        fields = json.loads(store.get(f"{prefix}/{r}"))
         views.append(GpuView(**{**fields, "gpus": tuple(fields["gpus"])}))
     return views
 
@@ -225,11 +237,10 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistEnv
         return DistEnv(rank, world_size, local_rank, dev, grouped=dist.is_initialized())
     kind = device_kind(device)  # a DeviceError here leaves before joining: the others stop at the rendezvous
     store = _rendezvous(rank, world_size)
-    if kind == "cuda":
-        view = GpuView(rank, socket.gethostname(), local_rank, visible_gpus(), _visible_variable())
-        dev = _use_gpu(assign_gpus(_share_views(store, view, world_size))[rank])
-    else:
-        dev = torch.device("cpu")
+    gpus = visible_gpus() if kind == "cuda" else ()
+    view = GpuView(rank, socket.gethostname(), local_rank, gpus, _visible_variable(), kind)
+    index = assign_gpus(_share_views(store, view, world_size))[rank]
+    dev = _use_gpu(index) if kind == "cuda" else torch.device("cpu")
     timeout = datetime.timedelta(minutes=timeout_min)
     dist.init_process_group(
         backend="nccl" if kind == "cuda" else "gloo",
