@@ -112,8 +112,14 @@ def slurm_extra(args: argparse.Namespace) -> dict[str, str]:
     return extra
 
 
-def executor_parameters(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """submitit AutoExecutor parameters for the cluster flags."""
+# srun arguments of jobs whose tasks meet in collectives (training): the first task to fail ends
+# the step at once, as slurm/train.sbatch's srun does, instead of leaving the others waiting up
+# to the collective timeout in a rendezvous or a broadcast for a rank that is gone.
+COLLECTIVE_SRUN_ARGS = ("--kill-on-bad-exit=1",)
+
+
+def executor_parameters(args: argparse.Namespace, name: str, collective: bool = False) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for the cluster flags (`collective`: see COLLECTIVE_SRUN_ARGS)."""
     params: dict[str, Any] = {
         "name": name,
         "nodes": args.nodes,
@@ -134,16 +140,20 @@ def executor_parameters(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "slurm_exclude": args.exclude,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
+    if collective:
+        params["slurm_srun_args"] = list(COLLECTIVE_SRUN_ARGS)
     extra = slurm_extra(args)
     if extra:
         params["slurm_additional_parameters"] = extra
     return params
 
 
-def make_executor(args: argparse.Namespace, folder: Path, name: str, cluster: str) -> submitit.AutoExecutor:
+def make_executor(
+    args: argparse.Namespace, folder: Path, name: str, cluster: str, collective: bool = False
+) -> submitit.AutoExecutor:
     """An executor for `cluster`; SLURM-only flags are ignored by the local ones."""
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=args.max_requeues)
-    params = executor_parameters(args, name)
+    params = executor_parameters(args, name, collective)
     if cluster != "slurm":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     ex.update_parameters(**params)
@@ -158,13 +168,15 @@ class _ScriptOnly(submitit.SlurmExecutor):
         return 2
 
 
-def sbatch_script(args: argparse.Namespace, folder: Path, name: str, array: int | None = None, **extra: Any) -> str:
+def sbatch_script(
+    args: argparse.Namespace, folder: Path, name: str, array: int | None = None, collective: bool = False, **extra: Any
+) -> str:
     """The sbatch script submitit would submit for these flags (for --dry-run), on any machine."""
     # AutoExecutor and SlurmExecutor refuse to be built where srun is missing (a laptop, a dry
     # run), so translate the generic names with submitit's own table and use `_ScriptOnly`.
     ex = _ScriptOnly(folder=folder, max_num_timeout=args.max_requeues)
     names = submitit.SlurmExecutor._equivalence_dict()
-    params = executor_parameters(args, name)
+    params = executor_parameters(args, name, collective)
     ex.update_parameters(**{names.get(k, k.removeprefix("slurm_")): v for k, v in params.items()}, **extra)
     if array:
         ex.parameters["map_count"] = array  # what submitit's map_array sets for a job array

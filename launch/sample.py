@@ -2,15 +2,16 @@
 
     python launch/sample.py --ckpt runs/demo/ldm --num-samples 10000 --out samples/demo \\
         --nodes 2 --gpus-per-node 4 --partition gpu
-    python launch/sample.py --ckpt runs/demo/ldm --num-samples 10000 --out samples/demo --array 16
+    python launch/sample.py --ckpt runs/demo/ldm --num-samples 10000 --out samples/demo \\
+        --array 16 --gpus-per-node 1 --partition gpu
 
 Either one job of many tasks (--nodes/--tasks-per-node) or a job array of K one-task jobs
-(--array K) makes the shards; a last step merges them into OUT/samples.h5, samples.npz and
-grid.png (on SLURM a small job that starts once the others succeeded). Image i always comes
-from seed (--seed, i), so the result is the same however the work was split, and rerunning
-the same command after a failure makes only the missing shards. A paired model's samples
-(data.masks) carry their masks: /masks in samples.h5, `masks` in samples.npz, beside each
-slice in grid.png.
+(--array K, each on one GPU when --gpus-per-node is given) makes the shards; a last step
+merges them into OUT/samples.h5, samples.npz and grid.png (on SLURM a small job that starts
+once the others succeeded). Image i always comes from seed (--seed, i), so the result is
+the same however the work was split, and rerunning the same command after a failure makes
+only the missing shards. A paired model's samples (data.masks) carry their masks: /masks in
+samples.h5, `masks` in samples.npz, beside each slice in grid.png.
 """
 
 from __future__ import annotations
@@ -100,7 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=DefaultsHelpFormatter,
     )
     add_request_args(p)
-    p.add_argument("--array", type=int, default=None, metavar="K", help="split the work over a job array of K tasks")
+    p.add_argument(
+        "--array",
+        type=int,
+        default=None,
+        metavar="K",
+        help="split the work over a job array of K one-task jobs (one GPU each with --gpus-per-node)",
+    )
     add_cluster_args(p)
     args = p.parse_args(argv)
     check_request_args(args, p)
@@ -119,11 +126,19 @@ def checkpoint_meta(ckpt: str) -> dict:
     return meta
 
 
+def array_task_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """The cluster flags of one array task: one task on one node, with one GPU of its own when
+    the job asks for GPUs (--gpus-per-node N would reserve N and use one)."""
+    one_task = copy.copy(args)
+    one_task.nodes, one_task.tasks_per_node = 1, 1
+    one_task.gpus_per_node = min(args.gpus_per_node, 1)
+    return one_task
+
+
 def submit_workers(args: argparse.Namespace, out: Path, cluster: str) -> list[submitit.Job]:
     ckpt, params = str(Path(args.ckpt).resolve()), params_of(args)
     if args.array:
-        one_task = copy.copy(args)
-        one_task.nodes, one_task.tasks_per_node = 1, 1
+        one_task = array_task_flags(args)
         ex = make_executor(one_task, out / "submitit" / "%j", args.job_name or "oasis-sample", cluster)
         job = SampleJob(ckpt, str(out), params, args.device, array_size=args.array)
         return ex.map_array(job, list(range(args.array)))
@@ -144,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cluster = resolve_cluster(args)
     out = args.out.resolve()
+    flags = array_task_flags(args) if args.array else args
+    if args.array and args.gpus_per_node > 1:
+        print(f"--array: each of the {args.array} array tasks is one task on 1 GPU (not {args.gpus_per_node})")
     if args.dry_run:
-        print(sbatch_script(args, out / "submitit" / "%j", args.job_name or "oasis-sample", array=args.array))
+        print(sbatch_script(flags, out / "submitit" / "%j", args.job_name or "oasis-sample", array=args.array))
         return 0
     check_local_gpus(args, cluster)
     try:

@@ -165,7 +165,11 @@ def dry_run(args: argparse.Namespace, jobs: list[Planned]) -> None:
         dependency = {"dependency": "afterok:<vae job id>"} if after_vae(args, job) else {}
         name = args.job_name or f"oasis-{job.stage}"
         print(f"# --- {job.stage}: {job.run_dir}")
-        print(sbatch_script(job_flags(args, job.cfg), job.run_dir / "submitit" / "%j", name, **dependency))
+        print(
+            sbatch_script(
+                job_flags(args, job.cfg), job.run_dir / "submitit" / "%j", name, collective=True, **dependency
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:
         flags = job_flags(args, job.cfg)
         folder = job.run_dir / "submitit" / "%j"
-        ex = make_executor(flags, folder, args.job_name or f"oasis-{job.stage}", cluster)
+        ex = make_executor(flags, folder, args.job_name or f"oasis-{job.stage}", cluster, collective=True)
         if previous is not None and cluster == "slurm":
             run_after(ex, args, previous.job_id)
         submitted = ex.submit(TrainJob(job.stage, args.config, job.overrides, str(job.run_dir)))

@@ -97,13 +97,17 @@ def parse(data: bytes, path: Path) -> dict[str, Any]:
     return obj
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Load and check one checkpoint file; raise CheckpointError if it is unusable."""
+def read(path: Path) -> bytes:
+    """A checkpoint file's bytes, in one read (parse, hash and share them: never read it twice)."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    return parse(data, Path(path))
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load and check one checkpoint file; raise CheckpointError if it is unusable."""
+    return parse(read(path), Path(path))
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,11 @@ def resolve(path_or_run: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path_or_run}: no checkpoint found (expected a .pt file or a run directory)")
     return path
+
+
+def sha256(data: bytes) -> str:
+    """The checksum outputs record of a checkpoint, from bytes already read."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -6,9 +6,16 @@ as 1 + `NUM_CLASSES` channels, the image in [-1, 1] and the one-hot mask scaled 
 (the same range, so no channel dominates the first convolution), and decodes 1 +
 `NUM_CLASSES` channels: the image and one logit per class. A mask is read back as the most
 likely class of each pixel, so a generated mask holds exactly the four stored values.
+
+Training calls these every step on the device, so they make no host sync there: the lookup
+tables are copied to a device once (`_tables`), and the training step skips the check of the
+mask values (`check=False`, which would read the batch back): its masks come from a packed
+file, whose values the packer checked.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -22,17 +29,27 @@ _LABEL_OF_VALUE = torch.full((256,), -1, dtype=torch.long)
 _LABEL_OF_VALUE[_VALUES.long()] = torch.arange(NUM_CLASSES)
 
 
-def to_labels(mask: Tensor) -> Tensor:
-    """uint8 mask values (B, 1, H, W) -> long class labels (B, H, W) in 0..NUM_CLASSES-1."""
-    labels = _LABEL_OF_VALUE.to(mask.device)[mask.long()]
-    if bool((labels < 0).any()):
+@functools.cache
+def _tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """(label of each value, value of each label) on `device`, copied there once."""
+    return _LABEL_OF_VALUE.to(device), _VALUES.to(device)
+
+
+def to_labels(mask: Tensor, check: bool = True) -> Tensor:
+    """uint8 mask values (B, 1, H, W) -> long class labels (B, H, W) in 0..NUM_CLASSES-1.
+
+    `check`: values outside the classes are a ValueError (a read of the result: a host sync on
+    a device); unchecked they become -1, which one_hot and cross-entropy refuse.
+    """
+    labels = _tables(mask.device)[0][mask.long()]
+    if check and bool((labels < 0).any()):
         raise ValueError(f"mask values outside {MASK_VALUES}: {sorted(set(mask[labels < 0].tolist()))[:5]}")
     return labels[:, 0] if labels.dim() == 4 else labels
 
 
 def to_values(labels: Tensor) -> Tensor:
     """long class labels (B, H, W) -> uint8 mask values (B, 1, H, W), as packed files store them."""
-    return _VALUES.to(labels.device)[labels][:, None]
+    return _tables(labels.device)[1][labels][:, None]
 
 
 def one_hot(labels: Tensor) -> Tensor:
@@ -41,9 +58,10 @@ def one_hot(labels: Tensor) -> Tensor:
     return hot.to(torch.float32) * 2 - 1
 
 
-def pair_input(image: Tensor, mask: Tensor) -> Tensor:
-    """float image (B, 1, H, W) in [-1, 1] + uint8 mask (B, 1, H, W) -> (B, 1 + NUM_CLASSES, H, W)."""
-    return torch.cat([image, one_hot(to_labels(mask)).to(image.dtype)], dim=1)
+def pair_input(image: Tensor, mask: Tensor, check: bool = True) -> Tensor:
+    """float image (B, 1, H, W) in [-1, 1] + uint8 mask (B, 1, H, W) -> (B, 1 + NUM_CLASSES, H, W)
+    (`check`: as in `to_labels`)."""
+    return torch.cat([image, one_hot(to_labels(mask, check)).to(image.dtype)], dim=1)
 
 
 def split_output(out: Tensor) -> tuple[Tensor, Tensor]:

@@ -100,10 +100,13 @@ def _crop_boxes(batch: int, height: int, width: int, generator: torch.Generator 
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     top = torch.floor(u[..., 2] * (height - h + 1))
     left = torch.floor(u[..., 3] * (width - w + 1))
-    first = torch.where(ok.any(1), ok.float().argmax(1), 0)
+    found = ok.any(1)
+    first = torch.where(found, ok.float().argmax(1), 0)
     pick = torch.stack([top, left, h, w], -1)[torch.arange(batch, device=u.device), first]
-    fallback = torch.tensor(_centre_box(height, width), dtype=torch.float64, device=u.device)
-    return torch.where(ok.any(1)[:, None], pick, fallback)
+    # The fallback box enters as Python scalars (kernel arguments): a tensor made from them on
+    # the device would be a blocking host-to-device copy, a host sync per batch.
+    columns = [torch.where(found, pick[:, k], float(v)) for k, v in enumerate(_centre_box(height, width))]
+    return torch.stack(columns, 1)
 
 
 def _centre_box(height: int, width: int) -> tuple[int, int, int, int]:

@@ -18,7 +18,7 @@ region's pixels only (the window still sees the surrounding pixels, as in the wh
 figure), PSNR comes from the mean squared error over the region's pixels. An image whose
 region is empty has NaN in-region figures, and the means leave it out.
 
-Precision: convolutions and matmuls run in plain float32 (`ieee_float32`), never TF32,
+Precision: convolutions and matmuls run in plain float32 (`oasis_ldm.precision.ieee_float32`), never TF32,
 so a report computed on a GPU matches the CPU's (cuDNN's default TF32 rounds to a 10-bit
 mantissa: SSIM's blur(x^2) - blur(x)^2 then errs by about 1e-4 against C2 = 9e-4).
 
@@ -31,8 +31,6 @@ finite and the cap is visible.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -40,6 +38,8 @@ from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure,
     structural_similarity_index_measure,
 )
+
+from oasis_ldm.precision import ieee_float32
 
 MAX_PSNR = 100.0
 SSIM_SIGMA = 1.5
@@ -57,34 +57,6 @@ def as_unit(x: Tensor) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"expected uint8 or floating-point images, got {x.dtype}")
     return (x.float().clamp(-1.0, 1.0) + 1.0) / 2.0
-
-
-@contextmanager
-def ieee_float32() -> Iterator[None]:
-    """Plain float32 (no TF32, no bf16) in convolutions and matmuls for the block, then restore.
-
-    cuDNN uses TF32 for float32 convolutions by default (``torch.backends.cudnn``), and a user
-    may have chosen TF32 for matmuls or oneDNN: metrics computed so would depend on the device.
-    torch >= 2.9 has one precision setting per backend; reading the older ``allow_tf32`` flags
-    after those were set raises, so only the API the installed torch has is touched.
-    """
-    if hasattr(torch.backends.cudnn, "conv"):
-        switches = [
-            (torch.backends.cudnn.conv, "fp32_precision", "ieee"),
-            (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
-            (torch.backends.mkldnn.conv, "fp32_precision", "ieee"),
-            (torch.backends.mkldnn.matmul, "fp32_precision", "ieee"),
-        ]
-    else:
-        switches = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
-    saved = [getattr(owner, name) for owner, name, _ in switches]
-    for owner, name, plain in switches:
-        setattr(owner, name, plain)
-    try:
-        yield
-    finally:
-        for (owner, name, _), value in zip(switches, saved, strict=True):
-            setattr(owner, name, value)
 
 
 def _pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,8 +5,8 @@ sum in an order that depends on the batch size, so another batch size may move a
 level: a sampling request fixes its batches, which makes workers agree bit for bit.
 
 Precision: "bf16" runs the U-Net under bf16 autocast (the sampler's state stays float32, see
-oasis_ldm.diffusion); the VAE decoder always runs in float32, once per image, because its
-output is the pixels that are kept.
+oasis_ldm.diffusion); the VAE decoder always runs in IEEE float32 (no TF32: oasis_ldm/precision.py),
+because its output is the pixels that are kept.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from oasis_ldm.data.masks import decode_mask, split_output
 from oasis_ldm.data.transforms import to_uint8
 from oasis_ldm.diffusion import GaussianDiffusion, autocast_model
 from oasis_ldm.models import AutoencoderKL
+from oasis_ldm.precision import ieee_float32
 from oasis_ldm.rng import ImageGenerators
 
 
@@ -62,7 +63,8 @@ class Pipeline:
         noise = ImageGenerators(seeds)
         x_T = noise.randn(self.latent_shape, self.device, torch.float32)
         z = self.diffusion.sample(unet, x_T, sampler, steps, eta, noise, progress)
-        out = self.vae.decode(z / self.scale_factor)
+        with ieee_float32():
+            out = self.vae.decode(z / self.scale_factor)
         if not self.paired:
             return to_uint8(out.clamp(-1, 1)), None
         image, logits = split_output(out)

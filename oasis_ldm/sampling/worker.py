@@ -72,7 +72,9 @@ def sample_worker(
 ) -> int:
     """Make worker `worker`'s missing or bad shards of the request; returns how many it made."""
     check_out(out)  # before the checkpoint is read: a wrong --out fails in a second
-    local_rank = int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
+    # The launcher that started this process numbers it: torchrun's LOCAL_RANK wins over the
+    # SLURM_LOCALID of the srun task torchrun runs in (which all of its workers share).
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
     pipe, meta = load_pipeline(ckpt, pick_device(device, local_rank))
     say_checkpoint(meta)
     req = request_for(meta, params)

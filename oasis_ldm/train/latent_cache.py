@@ -11,7 +11,9 @@ Geometric augmentation in latent space is limited to horizontal flips, and a fli
 done on the latent: a strided-conv encoder is not mirror-equivariant (its stride-2 taps sit on
 even columns, so a mirrored latent is the latent of a slice shifted by a pixel per level, and
 the decoder turns it into edge stripes and mottle). With `flips=True` the cache also holds the
-posteriors of the mirrored slices, and a flipped row uses those.
+posteriors of the mirrored slices, and a flipped row uses those. Every open passes
+`locking=False`, as every other reader and writer does: HDF5's file locks fail on NFS (errno 37),
+and rank 0 alone writes each file anyway.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def stored_keys(flips: bool) -> tuple[str, ...]:
 @torch.no_grad()
 def _encode_part(path: Path, rows_total: int, encode: Encode, env: DistEnv, flips: bool) -> None:
     rows = list(range(env.rank, rows_total, env.world_size))
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", locking=False) as f:
         for i in tqdm(range(0, len(rows), ENCODE_BATCH), desc="latent cache", disable=not env.is_main):
             for mirrored in (False, True) if flips else (False,):
                 posterior = encode(rows[i : i + ENCODE_BATCH], mirrored)
@@ -61,10 +63,10 @@ def _encode_part(path: Path, rows_total: int, encode: Encode, env: DistEnv, flip
 def _merge(parts: list[Path], out: Path, n: int, made_by: dict[str, str | int]) -> None:
     """Interleave the parts back into row order: part r holds rows r, r + W, r + 2W, ..."""
     world = len(parts)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as dst:
+    with atomic_path(out) as tmp, h5py.File(tmp, "w", locking=False) as dst:
         dst.attrs.update(made_by)
         for rank, part in enumerate(parts):
-            with h5py.File(part, "r") as src:
+            with h5py.File(part, "r", locking=False) as src:
                 for key in src:
                     if key not in dst:
                         dst.create_dataset(key, (n, *src[key].shape[1:]), dtype=np.float16)

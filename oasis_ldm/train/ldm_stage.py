@@ -21,9 +21,10 @@ from oasis_ldm.config import Config, from_dict, to_dict
 from oasis_ldm.data.dataset import OasisH5Dataset
 from oasis_ldm.data.transforms import to_float
 from oasis_ldm.diffusion import GaussianDiffusion
-from oasis_ldm.distributed import DistEnv, barrier, broadcast
-from oasis_ldm.loading import load_frozen_vae
+from oasis_ldm.distributed import DistEnv, barrier, broadcast, read_on_rank0
+from oasis_ldm.loading import load_frozen_vae, read_bytes
 from oasis_ldm.models import DiagonalGaussian, UNet, build_vae
+from oasis_ldm.precision import ieee_float32
 from oasis_ldm.rng import Stream, generator, image_seed
 from oasis_ldm.sampling.pipeline import Pipeline
 from oasis_ldm.train.augment import Batch, flip_rows, prepare_batch
@@ -34,6 +35,12 @@ LOG_SEED = 1234  # fixed noise for the logged samples, so grids are comparable a
 SCALE_CHUNK = 32  # slices encoded at once when measuring the scale factor
 
 
+def _read_vae(vae_ckpt: str) -> tuple[tuple[Path, str | None], bytes]:
+    """((the autoencoder's checkpoint file, a fallback note), its bytes), as read_on_rank0 takes them."""
+    path, data, note = read_bytes(vae_ckpt)
+    return (path, note), data
+
+
 class LDMStage:
     name = "ldm"
     main = "unet"
@@ -42,11 +49,13 @@ class LDMStage:
         if not cfg.ldm.vae_ckpt:
             raise checkpoint.CheckpointError("ldm.vae_ckpt is not set: pass --set ldm.vae_ckpt=<vae run dir or .pt>")
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
-        self.vae, vae_meta = load_frozen_vae(cfg.ldm.vae_ckpt, env.device)  # a damaged last.pt: its newest snapshot
-        if vae_meta.get("note") and env.is_main:
-            print(f"[oasis-ldm] warning: ldm.vae_ckpt: {vae_meta['note']}", flush=True)
-        self.vae_path, self.vae_sha256 = Path(vae_meta["path"]), vae_meta["sha256"]
-        self.vae_cfg = vae_meta["config"]
+        # Rank 0 reads the autoencoder once for the job and shares its bytes (hashed, not re-read);
+        # a run directory whose last.pt is damaged gives its newest good snapshot.
+        (self.vae_path, note), data = read_on_rank0(lambda: _read_vae(cfg.ldm.vae_ckpt))
+        if note and env.is_main:
+            print(f"[oasis-ldm] warning: ldm.vae_ckpt: {note}", flush=True)
+        self.vae, vae_meta = load_frozen_vae(self.vae_path, env.device, data)
+        self.vae_sha256, self.vae_cfg = vae_meta["sha256"], vae_meta["config"]
         self.latent_size = cfg.data.image_size // self.vae.factor  # preflight checked that it fits the U-Net
         unet = UNet(cfg.unet, in_channels=self.vae.latent_channels).to(env.device)
         self.models: dict[str, nn.Module] = {"unet": unet}
@@ -111,13 +120,14 @@ class LDMStage:
         images = to_float(self.images.read_raw(rows).to(self.env.device))
         if flip:
             images, masks = images.flip(-1), None if masks is None else masks.flip(-1)
-        return self.vae.encode(Batch(images, masks).model_input())
+        with ieee_float32():
+            return self.vae.encode(Batch(images, masks).model_input())
 
     def latents(self, batch: Any, ctx: StepContext) -> torch.Tensor:
         """Scaled posterior samples z * scale for this micro-batch.
 
-        The frozen encoder runs in fp32 even in a bf16 run: its latents are the data the
-        U-Net learns, and the scale factor and the latent cache are measured in fp32 too.
+        The frozen encoder runs in IEEE fp32 (no bf16, no TF32) even in a bf16 run: its latents
+        are the data the U-Net learns, and the scale factor and the latent cache are measured so too.
         """
         if self.cfg.ldm.latent_cache:
             mean, std, *mirrored = (t.to(self.env.device, non_blocking=True).float() for t in batch)
@@ -127,7 +137,7 @@ class LDMStage:
             z = mean + std * ctx.draws.randn(tuple(mean.shape), Stream.POSTERIOR_NOISE)
         else:
             b = prepare_batch(batch, self.cfg.data.augment, ctx)
-            with torch.no_grad():
+            with torch.no_grad(), ieee_float32():
                 posterior = self.vae.encode(b.model_input())
             mean, std = posterior.mean.float(), posterior.std.float()
             z = mean + std * ctx.draws.randn(tuple(mean.shape), Stream.POSTERIOR_NOISE)

@@ -78,7 +78,10 @@ def train(stage: str, cfg: Config, run_dir: str | Path) -> int:
 
 
 def _train(stage_name: str, cfg: Config, run_dir: Path, env: DistEnv, threads: int) -> int:
-    checked = on_every_rank(lambda: preflight.check_start(stage_name, cfg, run_dir, world_size=env.world_size))
+    # Rank 0 alone checks the autoencoder of an ldm run: it reads it for every rank (ldm_stage.py).
+    checked = on_every_rank(
+        lambda: preflight.check_start(stage_name, cfg, run_dir, world_size=env.world_size, vae_ready=env.is_main)
+    )
     for line in checked.notes:
         say(env, line)
     created = not run_dir.exists()

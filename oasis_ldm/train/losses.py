@@ -2,7 +2,9 @@
 
 SSIM is computed with a separable Gaussian window (two 1-D passes instead of one 11x11
 convolution): the same value as torchmetrics' SSIM (tests check it), at a fraction of the
-cost, which matters when the loss runs every step on a CPU.
+cost, which matters when the loss runs every step on a CPU. Its blurs run in IEEE float32
+forward and backward (`oasis_ldm.precision`): under cuDNN's default TF32 the differences of
+blurred moments, and their gradients, would depend on the device.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from oasis_ldm.precision import ieee_float32
 
 K1, K2 = 0.01, 0.03
 
@@ -22,10 +26,37 @@ def _gaussian(size: int, sigma: float, device: torch.device) -> torch.Tensor:
     return g / g.sum()
 
 
-def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _separable(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Valid convolution of each channel with g along W, then along H."""
     c, k = x.shape[1], len(g)
     x = F.conv2d(x, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
     return F.conv2d(x, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+
+
+class _IEEEBlur(torch.autograd.Function):
+    """The Gaussian blur with its backward pass in IEEE float32 too (autograd's own backward
+    would run wherever `.backward()` is called, under the caller's TF32 setting).
+
+    The blur is linear and its window symmetric, so its adjoint is the same blur of the
+    gradient padded by k - 1 on every side (a "full" convolution).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g)
+        with ieee_float32():
+            return _separable(x, g)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (g,) = ctx.saved_tensors
+        pad = len(g) - 1
+        with ieee_float32():
+            return _separable(F.pad(grad, (pad, pad, pad, pad)), g), None
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return _IEEEBlur.apply(x, g)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -263,8 +263,10 @@ def check_start(
 ) -> Checked:
     """Every check a start can make without writing: raises StartError, else the checked start.
 
-    `vae_ready=False` skips the autoencoder of an ldm run that a job still to run will train
-    (launch/train.py --stage all); `world_size`, when known, must split the global batch.
+    `vae_ready=False` skips the autoencoder of an ldm run: one that a job still to run will train
+    (launch/train.py --stage all), or on a trainer's ranks but 0, which use the bytes rank 0
+    read (ldm_stage.py); `world_size`, when known, must split the global batch. The autoencoder's
+    file is read once, and hashed from the same bytes (loading.read_checkpoint).
     """
     if stage not in ("vae", "ldm"):
         raise StartError(f"--stage {stage!r}: expected vae or ldm")
