@@ -235,7 +235,7 @@ def _write_h5_atomic(path: Path, block: Block, seeds: np.ndarray, attrs: dict) -
     """The shard file, built in memory (HDF5 never meets a full disk, see the module docstring)
     and written atomically; a failed write is one OutputError line naming the shard."""
     buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as f:
+    with h5py.File(buffer, "w", locking=False) as f:  # in memory; the flag keeps the one rule
         f.create_dataset("images", data=block.images, chunks=(1, *block.images.shape[1:]))
         f.create_dataset("seed", data=seeds)
         f.attrs.update({**attrs, "images_sha256": _sha256(block.images)})
